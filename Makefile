@@ -1,0 +1,70 @@
+# The README's commands live here. Everything installs into .venv/ from the package registry;
+# nothing needs to be on the machine but Python >= 3.11 and make.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export MSSTORE_SCALE ?= ci
+
+.PHONY: help setup workbook test lint typecheck unit integration notebooks external lab up down status clean
+
+help:
+	@echo "make workbook   set everything up and run every notebook headless (reports each)"
+	@echo "make test       lint, unit + integration tests, nbval over notebooks/ (both lanes)"
+	@echo "make lab        open JupyterLab on the same services"
+	@echo "make up|down|status   manage the embedded PostgreSQL and nats-server"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+workbook: $(STAMP)
+	$(BIN)/msstore up
+	$(BIN)/msstore workbook notebooks
+
+lint: $(STAMP)
+	$(BIN)/ruff check msstore tests notebooks
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+integration: $(STAMP)
+	$(BIN)/pytest -q tests/integration
+
+notebooks: $(STAMP)
+	cd notebooks && ../$(BIN)/pytest -q --nbval-lax -p no:randomly .
+
+# The second lane: PostgreSQL 15 / NATS 2.9 already running on this machine, used as external
+# servers. Skipped (with a message) where nothing answers on those ports.
+EXTERNAL_DB   ?= postgresql://postgres@127.0.0.1:5432/test
+EXTERNAL_NATS ?= nats://127.0.0.1:4222
+external: $(STAMP)
+	@if $(BIN)/python -m msstore.cli probe $(EXTERNAL_DB) $(EXTERNAL_NATS); then \
+	  MSSTORE_DATABASE_URL=$(EXTERNAL_DB) MSSTORE_NATS_URL=$(EXTERNAL_NATS) \
+	    $(BIN)/pytest -q tests/integration; \
+	else echo "external lane: no PostgreSQL/NATS answering at $(EXTERNAL_DB) $(EXTERNAL_NATS); skipped"; fi
+
+test: $(STAMP)
+	$(MAKE) lint unit integration notebooks external
+
+lab: $(STAMP)
+	$(BIN)/msstore up
+	eval "$$($(BIN)/msstore env)" && cd notebooks && ../$(BIN)/jupyter lab
+
+up: $(STAMP)
+	$(BIN)/msstore up
+down: $(STAMP)
+	$(BIN)/msstore down
+status: $(STAMP)
+	$(BIN)/msstore status
+
+clean:
+	-$(BIN)/msstore down
+	rm -rf $(VENV) .msstore .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,68 @@
+"""Values as JSON bytes (orjson), and the asyncpg codecs that keep JSONB as Python objects.
+
+One codec for both stores: what goes into a KV message body is byte-for-byte what goes into
+the JSONB column, so a flush never re-encodes and a hydration never re-parses twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .errors import NotSerializableError, ValueTooLargeError
+
+#: Default ceiling for one encoded value. NATS' default max_payload is 1 MiB; a KV message
+#: also carries headers, so msstore refuses values above this before any I/O.
+MAX_VALUE_BYTES = 1024 * 1024 - 4096
+
+_OPTS = orjson.OPT_NON_STR_KEYS
+
+
+def dumps(value: Any, *, max_bytes: int = MAX_VALUE_BYTES) -> bytes:
+    """Encode ``value`` as compact JSON; raise a typed error saying what to fix."""
+    try:
+        data = orjson.dumps(value, option=_OPTS)
+    except TypeError as e:
+        raise NotSerializableError(
+            f"value of type {type(value).__name__} is not JSON-serialisable ({e}); "
+            "store dicts, lists, str, int, float, bool, None, UUID, datetime or dataclasses"
+        ) from e
+    if len(data) > max_bytes:
+        raise ValueTooLargeError(
+            f"value encodes to {len(data):,} bytes, above the limit of {max_bytes:,}; "
+            "split it into several keys or store a reference to it"
+        )
+    return data
+
+
+def loads(data: bytes | bytearray | memoryview | str) -> Any:
+    """Decode JSON produced by :func:`dumps` (or by PostgreSQL)."""
+    return orjson.loads(data)
+
+
+def _jsonb_encode(value: Any) -> bytes:
+    # JSONB binary format: a version byte (1) followed by the JSON text.
+    return b"\x01" + dumps(value, max_bytes=1 << 30)
+
+
+def _jsonb_decode(data: bytes) -> Any:
+    return orjson.loads(data[1:])
+
+
+def _json_encode(value: Any) -> str:
+    return dumps(value, max_bytes=1 << 30).decode()
+
+
+async def init_connection(conn: Any) -> None:
+    """asyncpg ``init`` hook: JSONB/JSON in and out as Python objects, via orjson."""
+    await conn.set_type_codec(
+        "jsonb", schema="pg_catalog", encoder=_jsonb_encode, decoder=_jsonb_decode,
+        format="binary",
+    )
+    await conn.set_type_codec(
+        "json", schema="pg_catalog", encoder=_json_encode, decoder=orjson.loads, format="text"
+    )
+
+
+__all__ = ["MAX_VALUE_BYTES", "dumps", "init_connection", "loads"]

@@ -1,0 +1,160 @@
+"""``msstore.connect()``: one handle on PostgreSQL and NATS JetStream, embedded or yours.
+
+::
+
+    async with msstore.connect() as ms:        # or: ms = await msstore.connect()
+        await ms.pool.fetchval("SELECT 1")      # asyncpg pool, JSONB <-> Python via orjson
+        kv = await ms.js.key_value("…")        # nats-py JetStream context
+
+Servers are resolved by :func:`msstore.services.resolve` (env vars, else embedded servers
+started on demand); the schema is migrated on connect unless ``migrate=False``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from . import migrations, services
+from .codec import init_connection
+from .errors import StoreUnavailableError
+from .services import Endpoints
+
+log = logging.getLogger("msstore")
+
+
+@dataclass
+class Connection:
+    """What ``connect()`` returns: the pool, the NATS client and JetStream, and where they are."""
+
+    pool: asyncpg.Pool
+    nc: NATS
+    js: JetStreamContext
+    endpoints: Endpoints
+
+    @property
+    def database_url(self) -> str:
+        return self.endpoints.database_url
+
+    @property
+    def nats_url(self) -> str:
+        return self.endpoints.nats_url
+
+    async def migrate(self, directory: Path | None = None) -> list[str]:
+        """Apply pending schema migrations; return the files applied by this call."""
+        return await migrations.migrate(self.pool, directory)
+
+    async def server_versions(self) -> dict[str, str]:
+        """The versions the servers report over the wire (not the binaries on disk)."""
+        pg = await self.pool.fetchval("SHOW server_version")
+        return {"postgres": str(pg), "nats": str(self.nc.connected_server_version)}
+
+    async def pgvector_available(self) -> bool:
+        """True when the server can ``CREATE EXTENSION vector``."""
+        return bool(await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'vector')"
+        ))
+
+    async def close(self) -> None:
+        """Drain NATS (flushing pending publishes) and close the pool."""
+        try:
+            if not self.nc.is_closed:
+                await self.nc.drain()
+        finally:
+            await self.pool.close()
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool,
+                min_size: int, max_size: int, home: Path | None) -> Connection:
+    endpoints = await asyncio.to_thread(services.resolve, home, database_url, nats_url)
+    try:
+        pool = await asyncpg.create_pool(endpoints.database_url, min_size=min_size,
+                                         max_size=max_size, init=init_connection,
+                                         timeout=10)
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as e:
+        raise StoreUnavailableError(
+            f"cannot connect to PostgreSQL at {endpoints.database_url}: {e}; "
+            f"is it running? (check `msstore status`, or {services.DATABASE_URL_ENV})"
+        ) from e
+    try:
+        nc = await nats.connect(endpoints.nats_url, connect_timeout=5,
+                                max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                error_cb=_log_nats_error)
+    except Exception as e:
+        await pool.close()
+        raise StoreUnavailableError(
+            f"cannot connect to NATS at {endpoints.nats_url}: {e!r}; "
+            f"is it running? (check `msstore status`, or {services.NATS_URL_ENV})"
+        ) from e
+    js = nc.jetstream()
+    conn = Connection(pool, nc, js, endpoints)
+    try:
+        await js.account_info()
+    except Exception as e:
+        await conn.close()
+        raise StoreUnavailableError(
+            f"NATS at {endpoints.nats_url} answers but has no JetStream ({e!r}); "
+            "start nats-server with -js"
+        ) from e
+    if migrate:
+        try:
+            await conn.migrate()
+        except BaseException:
+            await conn.close()
+            raise
+    return conn
+
+
+async def _log_nats_error(e: Exception) -> None:
+    log.warning("NATS: %r", e)
+
+
+class _Connect:
+    """Both ``await connect()`` and ``async with connect()`` work, as with asyncpg."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._kwargs = kwargs
+        self._conn: Connection | None = None
+
+    def __await__(self) -> Generator[Any, None, Connection]:
+        return _open(**self._kwargs).__await__()
+
+    async def __aenter__(self) -> Connection:
+        self._conn = await _open(**self._kwargs)
+        return self._conn
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+
+def connect(database_url: str | None = None, nats_url: str | None = None, *,
+            migrate: bool = True, min_size: int = 1, max_size: int = 10,
+            home: Path | None = None) -> _Connect:
+    """Connect to PostgreSQL and NATS, starting embedded servers for whatever is not given.
+
+    URLs passed here win over ``MSSTORE_DATABASE_URL`` / ``MSSTORE_NATS_URL``, which win over
+    the embedded servers. ``migrate=True`` applies pending schema migrations first.
+    """
+    return _Connect(database_url=database_url, nats_url=nats_url, migrate=migrate,
+                    min_size=min_size, max_size=max_size, home=home)
+
+
+__all__ = ["Connection", "connect"]

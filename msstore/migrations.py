@@ -1,0 +1,143 @@
+"""Versioned plain-SQL migrations: numbered files, checksums, one advisory lock.
+
+``sql/NNN_name.sql`` files are applied in order, each in its own transaction together with
+its row in ``public.msstore_migrations`` (version, name, sha256, applied_at), so a file is
+either applied and recorded or neither. A session-level advisory lock serialises concurrent
+starts: the second caller waits, then finds nothing pending. An applied file whose checksum
+changed is refused, naming the file, because the database no longer matches the source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from .errors import MigrationChecksumError, MigrationError
+
+#: Arbitrary but fixed: the advisory-lock key all msstore migration runners agree on.
+LOCK_KEY = 0x6D5_5354_4F52  # "msSTOR"
+_FILE_RE = re.compile(r"^(\d{3,})_([a-z0-9_]+)\.sql$")
+
+_CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS public.msstore_migrations (
+    version    INTEGER     PRIMARY KEY,
+    name       TEXT        NOT NULL,
+    checksum   TEXT        NOT NULL,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+)
+"""
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One migration file."""
+
+    version: int
+    name: str
+    sql: str
+    checksum: str
+
+    @property
+    def filename(self) -> str:
+        return f"{self.version:03d}_{self.name}.sql"
+
+
+def default_directory() -> Path:
+    """The packaged ``msstore/sql`` in a wheel, else ``sql/`` of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "sql", here.parent / "sql"):
+        if candidate.is_dir() and any(candidate.glob("*.sql")):
+            return candidate
+    raise MigrationError(f"no SQL migrations found next to {here}; the installation is broken")
+
+
+def load(directory: Path | None = None) -> list[Migration]:
+    """Read and order the migration files; refuse badly named or duplicate versions."""
+    directory = directory or default_directory()
+    found: dict[int, Migration] = {}
+    for path in sorted(directory.glob("*.sql")):
+        m = _FILE_RE.match(path.name)
+        if not m:
+            raise MigrationError(
+                f"{path.name}: migration files must be named NNN_lower_snake.sql"
+            )
+        version = int(m.group(1))
+        if version in found:
+            raise MigrationError(
+                f"{path.name}: version {version} already used by {found[version].filename}"
+            )
+        data = path.read_bytes()
+        found[version] = Migration(version, m.group(2), data.decode("utf-8"),
+                                   hashlib.sha256(data).hexdigest())
+    return [found[v] for v in sorted(found)]
+
+
+async def applied(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    """The recorded migrations, oldest first (empty before the first run)."""
+    exists = await conn.fetchval("SELECT to_regclass('public.msstore_migrations') IS NOT NULL")
+    if not exists:
+        return []
+    rows = await conn.fetch(
+        "SELECT version, name, checksum, applied_at FROM public.msstore_migrations "
+        "ORDER BY version"
+    )
+    return [dict(r) for r in rows]
+
+
+async def migrate(target: asyncpg.Pool | asyncpg.Connection,
+                  directory: Path | None = None) -> list[str]:
+    """Apply pending migrations in order; return the file names applied by this call."""
+    migrations = load(directory)
+    if isinstance(target, asyncpg.Pool):
+        async with target.acquire() as conn:
+            return await _migrate(conn, migrations)
+    return await _migrate(target, migrations)
+
+
+async def _migrate(conn: asyncpg.Connection, migrations: list[Migration]) -> list[str]:
+    await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+    try:
+        await conn.execute(_CREATE_TABLE)
+        done = {r["version"]: r for r in await applied(conn)}
+        known = {m.version: m for m in migrations}
+        for version, row in done.items():
+            m = known.get(version)
+            if m is None:
+                raise MigrationError(
+                    f"the database has migration {version:03d}_{row['name']}.sql, which this "
+                    "msstore does not ship; upgrade msstore or use another database"
+                )
+            if m.checksum != row["checksum"]:
+                raise MigrationChecksumError(
+                    f"{m.filename} was changed after it was applied (checksum "
+                    f"{row['checksum'][:12]}… in the database, {m.checksum[:12]}… on disk); "
+                    "restore the file and put the change in a new, higher-numbered migration"
+                )
+        newly: list[str] = []
+        for m in migrations:
+            if m.version in done:
+                continue
+            try:
+                async with conn.transaction():
+                    await conn.execute(m.sql)
+                    await conn.execute(
+                        "INSERT INTO public.msstore_migrations (version, name, checksum) "
+                        "VALUES ($1, $2, $3)", m.version, m.name, m.checksum,
+                    )
+            except asyncpg.PostgresError as e:
+                raise MigrationError(f"{m.filename} failed and was rolled back: {e}") from e
+            newly.append(m.filename)
+        return newly
+    finally:
+        if not conn.is_closed():
+            with contextlib.suppress(asyncpg.PostgresError, OSError):
+                await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+
+
+__all__ = ["LOCK_KEY", "Migration", "applied", "default_directory", "load", "migrate"]

@@ -1,0 +1,76 @@
+"""Real PostgreSQL and NATS, reached only through ``msstore.connect()``.
+
+Each test session gets a fresh database on the resolved server (embedded, or the external one
+named by MSSTORE_DATABASE_URL), so runs never see each other's rows; tests use unique names
+(random agent ids, bucket names) instead of teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+import msstore
+from msstore import services
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` pointing at database ``name`` instead."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def lane() -> str:
+    """"external" when the env vars name the servers, else "embedded"."""
+    return "external" if os.environ.get(services.DATABASE_URL_ENV) else "embedded"
+
+
+@pytest.fixture(scope="session")
+async def endpoints() -> services.Endpoints:
+    return await asyncio.to_thread(services.resolve)
+
+
+@pytest.fixture(scope="session")
+async def fresh_database(endpoints: services.Endpoints) -> AsyncIterator[Callable[[], object]]:
+    """A factory of empty databases on the resolved server, all dropped at session end."""
+    created: list[str] = []
+    admin = await asyncpg.connect(endpoints.database_url)
+
+    async def make() -> str:
+        name = f"msstore_test_{uuid.uuid4().hex[:12]}"
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return with_database(endpoints.database_url, name)
+
+    yield make
+    for name in created:
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except asyncpg.PostgresError:
+            pass
+    await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def database_url(fresh_database: Callable[[], object]) -> str:
+    return await fresh_database()  # type: ignore[misc, no-any-return]
+
+
+@pytest.fixture(scope="session")
+async def ms(database_url: str, endpoints: services.Endpoints) -> AsyncIterator[msstore.Connection]:
+    """The session's connection: fresh, migrated database plus the resolved NATS."""
+    async with msstore.connect(database_url, endpoints.nats_url) as conn:
+        yield conn
+
+
+@pytest.fixture
+def unique() -> Callable[[str], str]:
+    """``unique("bucket")`` -> ``bucket_3f9a0c1d2e``: names that never collide across runs."""
+    return lambda prefix="t": f"{prefix}_{uuid.uuid4().hex[:10]}"
