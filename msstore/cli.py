@@ -80,7 +80,7 @@ def _cmd_workbook(args: argparse.Namespace) -> int:
         return 1
     failed = 0
     for path in notebooks:
-        nb = nbformat.read(path, as_version=4)
+        nb = nbformat.read(path, as_version=4)  # type: ignore[no-untyped-call]
         start = time.perf_counter()
         try:
             NotebookClient(nb, timeout=args.timeout, kernel_name="python3",

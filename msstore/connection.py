@@ -87,7 +87,7 @@ async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool
         pool = await asyncpg.create_pool(endpoints.database_url, min_size=min_size,
                                          max_size=max_size, init=init_connection,
                                          timeout=10)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as e:
+    except (OSError, asyncpg.PostgresError, TimeoutError) as e:
         raise StoreUnavailableError(
             f"cannot connect to PostgreSQL at {endpoints.database_url}: {e}; "
             f"is it running? (check `msstore status`, or {services.DATABASE_URL_ENV})"

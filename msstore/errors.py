@@ -20,6 +20,14 @@ class InvalidAgentIdError(InvalidKeyError):
     """An agent id is not a UUID."""
 
 
+class InvalidValueError(MsstoreError, ValueError):
+    """A value or option has the wrong shape for the layer it is routed to."""
+
+
+class RoutingError(MsstoreError, ValueError):
+    """A data type or layer is unknown, unmapped, or routed to a layer that cannot hold it."""
+
+
 class NotSerializableError(MsstoreError, TypeError):
     """A value cannot be encoded as JSON."""
 
@@ -65,11 +73,13 @@ __all__ = [
     "ConflictError",
     "InvalidAgentIdError",
     "InvalidKeyError",
+    "InvalidValueError",
     "MigrationChecksumError",
     "MigrationError",
     "MsstoreError",
     "NotFoundError",
     "NotSerializableError",
+    "RoutingError",
     "ServiceError",
     "StoreTimeoutError",
     "StoreUnavailableError",

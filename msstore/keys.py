@@ -95,7 +95,7 @@ def encode_token(part: str) -> str:
 
 def decode_key(encoded: str) -> str:
     """Invert :func:`encode_key` / :func:`encode_token` exactly."""
-    if not isinstance(encoded, str) or not NATS_KEY_RE.match(encoded):
+    if not isinstance(encoded, str) or not is_valid_nats_key(encoded):
         raise InvalidKeyError(f"{encoded!r} is not a valid NATS KV key")
     if "=" not in encoded:
         return encoded

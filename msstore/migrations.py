@@ -100,7 +100,7 @@ async def migrate(target: asyncpg.Pool | asyncpg.Connection,
     return await _migrate(target, migrations)
 
 
-async def _migrate(conn: asyncpg.Connection, migrations: list[Migration]) -> list[str]:
+async def _migrate(conn: Any, migrations: list[Migration]) -> list[str]:
     await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
     try:
         await conn.execute(_CREATE_TABLE)

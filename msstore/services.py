@@ -209,9 +209,12 @@ def _make_reachable(path: Path, user: str) -> None:
 
 
 def _run_as(args: list[str], user: str | None, log: Path | None = None) -> None:
+    # Switching user must drop root's groups too: with group 0 kept, a folder closed to its
+    # group (mode 0700, e.g. pytest's tmp root) is closed to us even when "others" may enter.
+    drop = {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []} if user else {}
     try:
-        subprocess.run(args, check=True, user=user, capture_output=True, text=True,
-                       timeout=120)
+        subprocess.run(args, check=True, capture_output=True, text=True, timeout=120,
+                       **drop)  # type: ignore[call-overload]
     except subprocess.CalledProcessError as e:
         tail = log.read_text()[-2000:] if log and log.exists() else ""
         raise ServiceError(

@@ -1,0 +1,877 @@
+"""Hybrid state manager (seed 1.3): write KV first, flush to PostgreSQL behind the writer.
+
+::
+
+    write_state ──encode once──▶ KV put ──ack (revision)──▶ caller
+                                    │
+                 ┌──────────────────┴───────────────────┐
+         "stream" (default)                      "dirty-set"
+     durable pull consumer on KV_<bucket>     in-memory dict key -> (revision, bytes)
+     fetch ─▶ coalesce ─▶ 1 SQL statement     swap ─▶ coalesce ─▶ 1 SQL statement
+     ─▶ commit ─▶ ack                         (lost if the process dies before it)
+
+    read_state ──▶ KV get ──hit──▶ value
+                      │ miss (no message at all; a delete marker is an authoritative miss)
+                      ▼
+                  SQL SELECT ──▶ KV update(last=0)  (compare-and-set: never a blind put)
+                                    │ lost the race ──▶ re-read KV: the newer write wins
+
+Flush triggers: ``flush_threshold`` writes since the last flush, or every ``flush_interval``
+seconds; flushing runs in a background task, so writers never wait for PostgreSQL. Each batch
+is coalesced to one change per key (the highest revision) and written by **one** statement
+(``unnest`` arrays into a data-modifying CTE) whose ``version`` is the KV revision, guarded by
+``WHERE agents.state.version < excluded.version``: replays and out-of-order batches are no-ops.
+
+While PostgreSQL is unreachable the backlog is kept and retried with capped exponential
+backoff; once it reaches ``max_backlog``, ``write_state`` raises :class:`BackpressureError`.
+
+Keys whose KV TTL (the bucket's max age) ran out before they were flushed are counted in the
+``expired_unflushed`` counter:
+
+* ``"dirty-set"``: exact for this process' writes: a buffered change older than the TTL at
+  commit time. Its value still reaches PostgreSQL (it is buffered), but reads in between
+  hydrate the older row. A crash loses the whole buffer, and that is *not* counted.
+* ``"stream"``: a fetched message whose age at commit time is at least the TTL (its value
+  still reaches PostgreSQL). *Not* detected: a message that expired from the stream before any
+  flusher fetched it; the server drops it silently. Keep ``ttl`` far above the flush interval
+  and let backpressure bound the backlog so this cannot happen in practice.
+
+Known limit: a delete leaves no tombstone row, so when several processes share one durable
+consumer, an older upsert committed *after* a newer delete (by another process) re-creates
+the row. A single flusher processes the stream in order and is not affected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import enum
+import logging
+import random
+import sys
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import asyncpg
+import nats.errors
+import nats.js.errors
+import orjson
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.kv import KeyValue
+
+from .codec import dumps, loads
+from .errors import (
+    BackpressureError,
+    InvalidAgentIdError,
+    InvalidKeyError,
+    NotFoundError,
+    StoreTimeoutError,
+    StoreUnavailableError,
+)
+from .keys import join_key, split_key
+from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .connection import Connection
+
+log = logging.getLogger("msstore.hybrid")
+
+FlusherName = Literal["stream", "dirty-set"]
+FLUSHERS: Final = ("stream", "dirty-set")
+
+KV_OPERATION = "KV-Operation"
+_DELETE_OPS = frozenset({"DEL", "PURGE"})
+_MISSING: Final = object()
+
+
+# --------------------------------------------------------------------------- the SQL side
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """One acknowledged KV change on its way to ``agents.state``; ``data=None`` is a delete."""
+
+    agent_id: uuid.UUID
+    key: str
+    revision: int
+    data: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    """What one merge statement did; ``skipped`` rows were stale or had nothing to delete."""
+
+    rows: int
+    upserted: int
+    deleted: int
+
+    @property
+    def skipped(self) -> int:
+        return self.rows - self.upserted - self.deleted
+
+
+def coalesce(changes: Iterable[StateChange]) -> list[StateChange]:
+    """Keep the highest revision per (agent, key): a batch must not hold a key twice."""
+    latest: dict[tuple[uuid.UUID, str], StateChange] = {}
+    for change in changes:
+        k = (change.agent_id, change.key)
+        seen = latest.get(k)
+        if seen is None or seen.revision < change.revision:
+            latest[k] = change
+    return list(latest.values())
+
+
+#: The whole batch in one statement: arrays in, guarded delete and guarded upsert out.
+MERGE_SQL: Final = """
+WITH batch AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[])
+        AS b(agent_id, key, value, version)
+), deleted AS (
+    DELETE FROM agents.state
+    USING batch
+    WHERE batch.value IS NULL
+      AND agents.state.agent_id = batch.agent_id
+      AND agents.state.key = batch.key
+      AND agents.state.version < batch.version
+    RETURNING 1
+), upserted AS (
+    INSERT INTO agents.state (agent_id, key, value, version, updated_at)
+    SELECT agent_id, key, value::jsonb, version, now() FROM batch WHERE value IS NOT NULL
+    ON CONFLICT (agent_id, key) DO UPDATE
+        SET value = excluded.value, version = excluded.version, updated_at = excluded.updated_at
+        WHERE agents.state.version < excluded.version
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM upserted) AS upserted, (SELECT count(*) FROM deleted) AS deleted
+"""
+
+
+async def merge_changes(db: asyncpg.Pool | asyncpg.Connection, changes: Sequence[StateChange],
+                        *, statement_timeout: float | None = None) -> MergeResult:
+    """Write a coalesced batch with exactly one SQL statement (no-op for an empty batch).
+
+    Values travel as the JSON text KV holds (cast to jsonb server-side), so nothing is
+    re-encoded. Raises ``ValueError`` if the batch holds a key twice (call :func:`coalesce`).
+    """
+    if not changes:
+        return MergeResult(0, 0, 0)
+    if len({(c.agent_id, c.key) for c in changes}) != len(changes):
+        raise ValueError("a merge batch must hold each (agent_id, key) once; coalesce() it first")
+    row = await db.fetchrow(
+        MERGE_SQL,
+        [c.agent_id for c in changes],
+        [c.key for c in changes],
+        [None if c.data is None else c.data.decode() for c in changes],
+        [c.revision for c in changes],
+        timeout=statement_timeout,
+    )
+    assert row is not None
+    return MergeResult(len(changes), int(row["upserted"]), int(row["deleted"]))
+
+
+# --------------------------------------------------------------------------- metrics
+
+COUNTERS: Final = (
+    "writes", "removes", "reads", "kv_hits", "hydrations", "hydration_conflicts", "not_found",
+    "flushes", "messages_flushed", "rows_flushed", "rows_upserted", "rows_deleted",
+    "rows_skipped", "sql_statements", "retries", "expired_unflushed", "foreign_messages",
+    "backpressure_rejections",
+)
+SAMPLE_COLUMNS: Final = ("t", "flusher", "messages", "rows", "upserted", "deleted", "skipped",
+                         "latency_s", "total_s", "retries", "expired")
+
+
+class Metrics:
+    """Counters (a dict) plus one sample per flushed batch (a DataFrame on demand)."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.samples: list[dict[str, Any]] = []
+        self._t0 = time.monotonic()
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+
+    def record_flush(self, flusher: str, messages: int, result: MergeResult, latency_s: float,
+                     total_s: float, retries: int, expired: int) -> None:
+        c = self.counters
+        c["flushes"] += 1
+        c["messages_flushed"] += messages
+        c["rows_flushed"] += result.rows
+        c["rows_upserted"] += result.upserted
+        c["rows_deleted"] += result.deleted
+        c["rows_skipped"] += result.skipped
+        c["expired_unflushed"] += expired
+        self.samples.append({
+            "t": time.monotonic() - self._t0, "flusher": flusher, "messages": messages,
+            "rows": result.rows, "upserted": result.upserted, "deleted": result.deleted,
+            "skipped": result.skipped, "latency_s": latency_s, "total_s": total_s,
+            "retries": retries, "expired": expired,
+        })
+
+    def frame(self) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame(self.samples, columns=list(SAMPLE_COLUMNS))
+
+
+# --------------------------------------------------------------------------- flushers
+
+
+class Flusher(ABC):
+    """What the manager needs from a flusher: note writes, report backlog, flush, close."""
+
+    name: str
+
+    def __init__(self, hsm: HybridStateManager) -> None:
+        self._hsm = hsm
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=f"msstore-{self.name}-flusher")
+
+    @abstractmethod
+    def note_write(self, change: StateChange) -> None:
+        """Called after KV acknowledged ``change``; must not do I/O."""
+
+    @abstractmethod
+    def backlog(self) -> int:
+        """Acknowledged changes not yet committed to PostgreSQL (may be an estimate)."""
+
+    @abstractmethod
+    async def _drain(self) -> None:
+        """Commit what is pending now (called by the background loop only)."""
+
+    @abstractmethod
+    async def _done(self, target: object) -> bool:
+        """True when everything up to ``target`` (from :meth:`_target`) is committed."""
+
+    @abstractmethod
+    async def _target(self) -> object:
+        """A marker for "everything acknowledged so far"."""
+
+    async def flush(self) -> None:
+        """Return once every change acknowledged before the call is in PostgreSQL.
+
+        Waits as long as PostgreSQL is down (nothing is dropped); bound it with
+        ``asyncio.timeout()`` if the caller cannot wait.
+        """
+        target = await self._target()
+        while not await self._done(target):
+            self._check_alive()
+            progress = self._progress
+            self._wake.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(progress.wait(), self._hsm.poll_interval)
+
+    async def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _check_alive(self) -> None:
+        if self._task is not None and self._task.done() and not self._stopping:
+            raise StoreUnavailableError(f"the {self.name} flusher stopped: {self.error!r}")
+
+    def _signal_progress(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    async def _loop(self) -> None:
+        delay = self._hsm.base_backoff
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._hsm.flush_interval)
+            self._wake.clear()
+            try:
+                await self._drain()
+                delay = self._hsm.base_backoff
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # NATS outage or a bug: keep the loop, keep the backlog
+                self.error = e
+                self._hsm.last_error = e
+                log.warning("%s flusher: %r; retrying in %.2f s", self.name, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._hsm.max_backoff)
+            self._signal_progress()
+
+
+@dataclass(slots=True)
+class _Buffered:
+    change: StateChange
+    written_at: float
+    writes: int
+
+
+class DirtySetFlusher(Flusher):
+    """The seed's dirty set, with values buffered: fast, but a crash loses the buffer."""
+
+    name = "dirty-set"
+
+    def __init__(self, hsm: HybridStateManager) -> None:
+        super().__init__(hsm)
+        self._dirty: dict[tuple[uuid.UUID, str], _Buffered] = {}
+        self._inflight = 0
+        self._gen = 0
+        self._done_gen = 0
+
+    def note_write(self, change: StateChange) -> None:
+        k = (change.agent_id, change.key)
+        seen = self._dirty.get(k)
+        if seen is None:
+            self._dirty[k] = _Buffered(change, time.monotonic(), 1)
+        else:
+            seen.writes += 1
+            if seen.change.revision < change.revision:
+                seen.change = change
+        self._gen += 1
+        if len(self._dirty) >= self._hsm.flush_threshold:
+            self._wake.set()
+
+    def backlog(self) -> int:
+        return len(self._dirty) + self._inflight
+
+    async def _target(self) -> object:
+        return self._gen
+
+    async def _done(self, target: object) -> bool:
+        assert isinstance(target, int)
+        return self._done_gen >= target
+
+    async def _drain(self) -> None:
+        while self._dirty:
+            gen = self._gen
+            batch, self._dirty = list(self._dirty.values()), {}
+            self._inflight = len(batch)
+            size = self._hsm.batch_size
+            for i in range(0, len(batch), size):
+                chunk = batch[i:i + size]
+                now = time.monotonic()
+                expired = sum(1 for b in chunk if now - b.written_at >= self._hsm.ttl)
+                await self._hsm._commit([b.change for b in chunk], self.name,
+                                        messages=sum(b.writes for b in chunk), expired=expired)
+                self._inflight -= len(chunk)
+            self._done_gen = gen
+            self._signal_progress()
+
+
+class StreamFlusher(Flusher):
+    """A durable pull consumer on the bucket's stream; acks only after the SQL commit.
+
+    Several processes using the same durable name share the work; a crashed process' unacked
+    messages are redelivered after ``ack_wait`` to whoever fetches next.
+    """
+
+    name = "stream"
+
+    def __init__(self, hsm: HybridStateManager) -> None:
+        super().__init__(hsm)
+        self._psub: Any = None
+        self._local = 0  # writes since the last consumer-info refresh
+        self._since_flush = 0
+        self._remote = 0  # num_pending + num_ack_pending at the last refresh
+        self._monitor: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        hsm = self._hsm
+        config = ConsumerConfig(
+            durable_name=hsm.durable, ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL, ack_wait=hsm.ack_wait, max_deliver=-1,
+            max_ack_pending=max(4 * hsm.batch_size, 1000),
+            description="msstore HybridStateManager write-behind flusher",
+        )
+        self._psub = await hsm.ms.js.pull_subscribe(
+            f"{hsm.subject_prefix}>", durable=hsm.durable, stream=hsm.stream, config=config)
+        await self._refresh()
+        await super().start()
+        self._monitor = asyncio.create_task(self._watch(), name="msstore-stream-backlog")
+
+    def note_write(self, change: StateChange) -> None:
+        self._local += 1
+        self._since_flush += 1
+        if self._since_flush >= self._hsm.flush_threshold:
+            self._wake.set()
+
+    def backlog(self) -> int:
+        return self._remote + self._local
+
+    async def _refresh(self) -> Any:
+        local_then = self._local
+        info = await self._psub.consumer_info()
+        self._remote = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        self._local -= local_then
+        return info
+
+    async def _watch(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self._hsm.backlog_refresh)
+            try:
+                await self._refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.debug("backlog refresh failed: %r", e)
+
+    async def _target(self) -> object:
+        info = await self._hsm.ms.js.stream_info(self._hsm.stream)
+        return int(info.state.last_seq)
+
+    async def _done(self, target: object) -> bool:
+        assert isinstance(target, int)
+        info = await self._refresh()
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        quiet = not info.num_pending and not info.num_ack_pending
+        return bool(floor >= target or quiet)
+
+    async def _drain(self) -> None:
+        self._since_flush = 0
+        size = self._hsm.batch_size
+        while not self._stopping:
+            msgs: list[Msg] = []
+            while len(msgs) < size:  # a fetch can stop at its deadline: top the batch up
+                try:
+                    msgs += await self._psub.fetch(size - len(msgs),
+                                                   timeout=self._hsm.fetch_timeout)
+                except TimeoutError:
+                    break
+                if len(msgs) < size:
+                    # more is waiting, or already on its way to us (delivered, unacked)?
+                    info = await self._refresh()
+                    if not info.num_pending and (info.num_ack_pending or 0) <= len(msgs):
+                        break
+            if not msgs:
+                break
+            await self._commit_msgs(msgs)
+            self._signal_progress()
+            if len(msgs) < size:
+                break
+        with contextlib.suppress(Exception):
+            await self._refresh()
+
+    async def _commit_msgs(self, msgs: list[Msg]) -> None:
+        hsm = self._hsm
+        prefix = hsm.subject_prefix
+        now = dt.datetime.now(dt.UTC)
+        changes: list[StateChange] = []
+        expired = foreign = 0
+        for m in msgs:
+            meta = m.metadata
+            try:
+                if not m.subject.startswith(prefix):
+                    raise InvalidKeyError(m.subject)
+                agent, key = split_key(m.subject[len(prefix):], 1)
+                agent_id = uuid.UUID(agent)
+                op = m.headers.get(KV_OPERATION) if m.headers else None
+                data = None if op in _DELETE_OPS else m.data
+                if data is not None:
+                    orjson.loads(data)  # a foreign non-JSON value would poison the batch
+            except (InvalidKeyError, ValueError):
+                foreign += 1
+                continue
+            if (now - meta.timestamp).total_seconds() >= hsm.ttl:
+                expired += 1
+            changes.append(StateChange(agent_id, key, meta.sequence.stream, data))
+        if foreign:
+            hsm.metrics_store.add("foreign_messages", foreign)
+            log.warning("skipped %d messages in %s that msstore did not write", foreign,
+                        hsm.stream)
+
+        async def keep_alive() -> None:  # the batch stays ours while PostgreSQL is down
+            for m in msgs:
+                with contextlib.suppress(Exception):
+                    await m.in_progress()
+
+        await hsm._commit(coalesce(changes), self.name, messages=len(msgs), expired=expired,
+                          on_retry=keep_alive)
+        for m in msgs:
+            await m.ack()
+
+    async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        await super().close()
+        if self._psub is not None:
+            with contextlib.suppress(Exception):
+                await self._hsm.ms.nc.flush()
+            with contextlib.suppress(Exception):
+                await self._psub.unsubscribe()
+
+
+# --------------------------------------------------------------------------- the manager
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def agent_uuid(agent_id: object) -> uuid.UUID:
+    """``agent_id`` as a UUID; anything else raises :class:`InvalidAgentIdError`."""
+    if isinstance(agent_id, uuid.UUID):
+        return agent_id
+    if isinstance(agent_id, str):
+        try:
+            return uuid.UUID(agent_id)
+        except ValueError as e:
+            raise InvalidAgentIdError(
+                f"agent id {agent_id!r} is not a UUID; use uuid.uuid4() or its str()") from e
+    raise InvalidAgentIdError(
+        f"agent ids must be UUIDs (uuid.UUID or str), got {type(agent_id).__name__}")
+
+
+class HybridStateManager:
+    """Agent state written to NATS KV first and flushed to ``agents.state`` behind the writer.
+
+    ::
+
+        async with HybridStateManager(ms, flusher="stream") as hsm:
+            rev = await hsm.write_state(agent_id, "plan", {"step": 1})
+            await hsm.read_state(agent_id, "plan")      # {"step": 1}
+    """
+
+    def __init__(self, ms: Connection, *, bucket: str = "agent_state",
+                 flusher: FlusherName = "stream", flush_threshold: int = 50,
+                 flush_interval: float = 1.0, ttl: float = DEFAULT_TTL_SECONDS,
+                 max_backlog: int = 100_000, batch_size: int = 10_000,
+                 durable: str = "msstore-flusher", ack_wait: float = 30.0,
+                 base_backoff: float = 0.05, max_backoff: float = 5.0,
+                 sql_timeout: float = 30.0, backlog_refresh: float = 0.5,
+                 fetch_timeout: float = 0.2, poll_interval: float = 0.1) -> None:
+        if flusher not in FLUSHERS:
+            raise ValueError(f"flusher must be one of {FLUSHERS}, got {flusher!r}")
+        for name, value in (("flush_threshold", flush_threshold), ("max_backlog", max_backlog),
+                            ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, seconds in (("flush_interval", flush_interval), ("ttl", ttl),
+                              ("ack_wait", ack_wait), ("max_backoff", max_backoff),
+                              ("fetch_timeout", fetch_timeout)):
+            if not seconds > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {seconds!r}")
+        self.ms = ms
+        self.bucket = check_bucket_name(bucket)
+        self.stream = f"KV_{bucket}"
+        self.subject_prefix = f"$KV.{bucket}."
+        self.flusher_name: FlusherName = flusher
+        self.flush_threshold = flush_threshold
+        self.flush_interval = flush_interval
+        self.ttl = ttl
+        self.max_backlog = max_backlog
+        self.batch_size = batch_size
+        self.durable = durable
+        self.ack_wait = ack_wait
+        self.base_backoff = base_backoff
+        self.max_backoff = max_backoff
+        self.sql_timeout = sql_timeout
+        self.backlog_refresh = backlog_refresh
+        self.fetch_timeout = fetch_timeout
+        self.poll_interval = poll_interval
+        self.metrics_store = Metrics()
+        self.last_error: BaseException | None = None
+        self._state = _State.NEW
+        self._kv: KeyValue | None = None
+        self._flusher: Flusher = (StreamFlusher(self) if flusher == "stream"
+                                  else DirtySetFlusher(self))
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @classmethod
+    async def open(cls, ms: Connection, **options: Any) -> HybridStateManager:
+        """Create and start a manager (the non-``async with`` spelling)."""
+        hsm = cls(ms, **options)
+        await hsm.start()
+        return hsm
+
+    async def start(self) -> None:
+        """Open the bucket (creating it with ``ttl`` as max age) and start the flusher."""
+        if self._state is not _State.NEW:
+            raise RuntimeError(f"cannot start a HybridStateManager that is {self._state.value}")
+        try:
+            self._kv = await ensure_bucket(self.ms.js, self.bucket, ttl=self.ttl)
+            await self._flusher.start()
+        except nats.errors.Error as e:
+            raise StoreUnavailableError(f"cannot open KV bucket {self.bucket!r}: {e!r}") from e
+        self._state = _State.OPEN
+
+    async def flush(self) -> None:
+        """Wait until every write acknowledged before this call is committed to PostgreSQL.
+
+        While PostgreSQL is down this waits (retrying); wrap it in ``asyncio.timeout()`` to
+        bound the wait.
+        """
+        self._check_open()
+        await self._flusher.flush()
+
+    async def close(self) -> None:
+        """Flush everything, then stop the flusher (the connection stays open: it is yours)."""
+        if self._state is not _State.OPEN:
+            return
+        try:
+            await self._flusher.flush()
+        finally:
+            await self._flusher.close()
+            self._state = _State.CLOSED
+
+    async def __aenter__(self) -> HybridStateManager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    def _check_open(self) -> KeyValue:
+        if self._state is not _State.OPEN or self._kv is None:
+            raise RuntimeError(
+                f"HybridStateManager is {self._state.value}: use `async with "
+                "HybridStateManager(ms) as hsm` or `await HybridStateManager.open(ms)`")
+        return self._kv
+
+    # ---------------------------------------------------------------- the API
+
+    def _kv_key(self, agent_id: object, key: str) -> tuple[uuid.UUID, str]:
+        agent = agent_uuid(agent_id)
+        return agent, join_key(str(agent), key)
+
+    def _check_backpressure(self) -> None:
+        backlog = self._flusher.backlog()
+        if backlog >= self.max_backlog:
+            self.metrics_store.add("backpressure_rejections")
+            raise BackpressureError(
+                f"{backlog:,} acknowledged changes are waiting to be flushed to PostgreSQL "
+                f"(max_backlog={self.max_backlog:,}; last error: {self.last_error!r}); retry "
+                "later, slow down, or raise max_backlog once PostgreSQL keeps up")
+
+    async def write_state(self, agent_id: uuid.UUID | str, key: str, value: Any) -> int:
+        """Store ``value`` in KV; return its revision once KV acknowledged it."""
+        kv = self._check_open()
+        agent, kv_key = self._kv_key(agent_id, key)
+        data = dumps(value)  # typed errors before any I/O
+        self._check_backpressure()
+        async with self._nats_errors(f"write {key!r}"):
+            revision = await kv.put(kv_key, data)
+        self._flusher.note_write(StateChange(agent, key, revision, data))
+        self.metrics_store.add("writes")
+        return revision
+
+    async def remove_state(self, agent_id: uuid.UUID | str, key: str) -> int:
+        """Delete ``key`` (a KV delete marker, flushed as a guarded delete); return its revision."""
+        self._check_open()
+        agent, kv_key = self._kv_key(agent_id, key)
+        self._check_backpressure()
+        async with self._nats_errors(f"remove {key!r}"):
+            ack = await self.ms.js.publish(f"{self.subject_prefix}{kv_key}", b"",
+                                           headers={KV_OPERATION: "DEL"})
+        self._flusher.note_write(StateChange(agent, key, ack.seq, None))
+        self.metrics_store.add("removes")
+        return int(ack.seq)
+
+    async def read_state(self, agent_id: uuid.UUID | str, key: str,
+                         default: Any = _MISSING) -> Any:
+        """KV first, then PostgreSQL (putting the row back into KV by compare-and-set).
+
+        Raises :class:`NotFoundError` when the key exists in neither (unless ``default``).
+        """
+        kv = self._check_open()
+        agent, kv_key = self._kv_key(agent_id, key)
+        self.metrics_store.add("reads")
+        for _attempt in range(3):
+            try:
+                async with self._nats_errors(f"read {key!r}"):
+                    entry = await kv.get(kv_key)
+            except nats.js.errors.KeyNotFoundError as e:
+                if e.op is not None:  # a delete marker: deleted, whatever SQL still says
+                    break
+                found, value = await self._hydrate(agent, key, kv_key)
+                if found is None:
+                    continue  # lost the race to a newer write: read KV again
+                if not found:
+                    break
+                return value
+            else:
+                self.metrics_store.add("kv_hits")
+                return loads(entry.value or b"null")
+        else:
+            # three lost races in a row: the SQL row is still the best answer we have
+            found, value = await self._hydrate(agent, key, kv_key, cache=False)
+            if found:
+                return value
+        self.metrics_store.add("not_found")
+        if default is not _MISSING:
+            return default
+        raise NotFoundError(f"no state for agent {agent} key {key!r}")
+
+    async def _hydrate(self, agent: uuid.UUID, key: str, kv_key: str,
+                       cache: bool = True) -> tuple[bool | None, Any]:
+        """(True, value) hydrated; (False, None) not in SQL; (None, None) lost to a write."""
+        try:
+            text = await self.ms.pool.fetchval(
+                "SELECT value::text FROM agents.state WHERE agent_id = $1 AND key = $2",
+                agent, key, timeout=self.sql_timeout)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
+            raise StoreUnavailableError(
+                f"KV has no {key!r} and PostgreSQL cannot be read: {e!r}") from e
+        if text is None:
+            return False, None
+        await self._after_sql_read(agent, key)
+        data = str(text).encode()
+        if cache:
+            kv = self._check_open()
+            try:
+                async with self._nats_errors(f"hydrate {key!r}"):
+                    await kv.update(kv_key, data, last=0)  # only if KV has nothing at all
+            except nats.js.errors.KeyWrongLastSequenceError:
+                self.metrics_store.add("hydration_conflicts")
+                return None, None
+            self.metrics_store.add("hydrations")
+        return True, loads(data)
+
+    async def _after_sql_read(self, agent: uuid.UUID, key: str) -> None:
+        """Test seam: runs between the SQL read and the KV create of a hydration."""
+
+    @contextlib.asynccontextmanager
+    async def _nats_errors(self, what: str) -> Any:
+        try:
+            yield
+        except nats.js.errors.KeyValueError:
+            raise
+        except (nats.errors.TimeoutError, TimeoutError) as e:
+            raise StoreTimeoutError(f"NATS did not answer to {what} in time: {e!r}") from e
+        except nats.errors.Error as e:
+            raise StoreUnavailableError(f"NATS failed to {what}: {e!r}") from e
+
+    # ---------------------------------------------------------------- flushing
+
+    async def _commit(self, changes: list[StateChange], flusher: str, *, messages: int,
+                      expired: int = 0,
+                      on_retry: Callable[[], Awaitable[None]] | None = None) -> MergeResult:
+        """One statement per batch, retried with capped exponential backoff until it lands."""
+        started = time.perf_counter()
+        delay = self.base_backoff
+        retries = 0
+        while True:
+            attempt = time.perf_counter()
+            if changes:
+                self.metrics_store.add("sql_statements")
+            try:
+                result = await merge_changes(self.ms.pool, changes,
+                                             statement_timeout=self.sql_timeout)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                retries += 1
+                self.last_error = e
+                self.metrics_store.add("retries")
+                log.warning("flush of %d rows failed (%r); retry %d in %.2f s",
+                            len(changes), e, retries, delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, self.max_backoff)
+                if on_retry is not None:
+                    await on_retry()
+        now = time.perf_counter()
+        if changes:
+            self.metrics_store.record_flush(flusher, messages, result, now - attempt,
+                                            now - started, retries, expired)
+        return result
+
+    # ---------------------------------------------------------------- observability
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """A snapshot of every counter, plus the current ``backlog``."""
+        return {**self.metrics_store.counters, "backlog": self._flusher.backlog()}
+
+    def backlog(self) -> int:
+        """Acknowledged changes not yet in PostgreSQL (stream: refreshed periodically)."""
+        return self._flusher.backlog()
+
+    def metrics(self) -> pd.DataFrame:
+        """One row per flushed batch: messages, rows, upserted/deleted/skipped, latency."""
+        return self.metrics_store.frame()
+
+
+# --------------------------------------------------------------------------- crash demo
+
+
+async def _crash_writer(args: argparse.Namespace) -> None:
+    """Write forever, printing ``<key> <revision>`` per acknowledged write (line-buffered)."""
+    from .connection import connect
+
+    async with connect(args.database_url, args.nats_url, migrate=False) as ms:
+        hsm = await HybridStateManager.open(
+            ms, bucket=args.bucket, flusher=args.flusher, flush_threshold=args.threshold,
+            flush_interval=args.interval, ack_wait=args.ack_wait, durable=args.durable)
+        print("ready", flush=True)
+        i = 0
+        while args.writes <= 0 or i < args.writes:
+            key = f"k{i % args.keys}"
+            rev = await hsm.write_state(args.agent, key, {"i": i, "pad": "x" * 64})
+            sys.stdout.write(f"{key} {rev}\n")
+            sys.stdout.flush()
+            i += 1
+            if i % 20 == 0:
+                await asyncio.sleep(0)
+        await hsm.close()
+        print("done", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m msstore.hybrid crash-writer …``: the writer the crash demos kill -9."""
+    p = argparse.ArgumentParser(prog="python -m msstore.hybrid")
+    sub = p.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("crash-writer", help="write until killed, printing acknowledged writes")
+    w.add_argument("--database-url", required=True)
+    w.add_argument("--nats-url", required=True)
+    w.add_argument("--bucket", required=True)
+    w.add_argument("--agent", required=True)
+    w.add_argument("--flusher", choices=FLUSHERS, default="stream")
+    w.add_argument("--durable", default="msstore-flusher")
+    w.add_argument("--keys", type=int, default=200)
+    w.add_argument("--writes", type=int, default=0, help="stop after N writes (0: never)")
+    w.add_argument("--threshold", type=int, default=50)
+    w.add_argument("--interval", type=float, default=1.0)
+    w.add_argument("--ack-wait", type=float, default=30.0)
+    args = p.parse_args(argv)
+    asyncio.run(_crash_writer(args))
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = [
+    "FLUSHERS",
+    "MERGE_SQL",
+    "DirtySetFlusher",
+    "Flusher",
+    "HybridStateManager",
+    "MergeResult",
+    "Metrics",
+    "StateChange",
+    "StreamFlusher",
+    "agent_uuid",
+    "coalesce",
+    "merge_changes",
+]

@@ -1,0 +1,229 @@
+"""HybridStateManager against the real servers: round trips, hydration, merge guarantees."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+import msstore
+from msstore.codec import init_connection
+from msstore.hybrid import HybridStateManager, StateChange, coalesce, merge_changes
+
+QUIET = {"flush_threshold": 1_000_000, "flush_interval": 3600.0}  # flush only when asked
+
+
+async def rows_of(ms: msstore.Connection, agent: uuid.UUID) -> dict[str, tuple[Any, int]]:
+    rows = await ms.pool.fetch(
+        "SELECT key, value, version FROM agents.state WHERE agent_id = $1", agent)
+    return {r["key"]: (r["value"], r["version"]) for r in rows}
+
+
+async def write_many(hsm: HybridStateManager, agent: uuid.UUID, keys: list[str],
+                     value: Callable[[str], Any] = lambda k: {"k": k}) -> dict[str, int]:
+    """Write every key (in concurrent chunks); return key -> acknowledged revision."""
+    revs: dict[str, int] = {}
+    for i in range(0, len(keys), 500):
+        chunk = keys[i:i + 500]
+        got = await asyncio.gather(*(hsm.write_state(agent, k, value(k)) for k in chunk))
+        revs.update(zip(chunk, got, strict=True))
+    return revs
+
+
+@pytest.mark.parametrize("flusher", ["stream", "dirty-set"])
+async def test_write_read_remove_round_trip(ms: msstore.Connection, unique: Callable[[str], str],
+                                            flusher: str) -> None:
+    agent = uuid.uuid4()
+    async with HybridStateManager(ms, bucket=unique("hy"), flusher=flusher,  # type: ignore[arg-type]
+                                  **QUIET) as hsm:
+        r1 = await hsm.write_state(agent, "plan", {"step": 1})
+        r2 = await hsm.write_state(str(agent), "plan", {"step": 2})
+        await hsm.write_state(agent, "agent:42/é.*", [1, 2, 3])  # invalid in NATS as is
+        assert r2 > r1
+        assert await hsm.read_state(agent, "plan") == {"step": 2}
+        assert await hsm.read_state(agent, "agent:42/é.*") == [1, 2, 3]
+        assert await rows_of(ms, agent) == {}  # write-behind: nothing in SQL yet
+        await hsm.flush()
+        assert await rows_of(ms, agent) == {"plan": ({"step": 2}, r2),
+                                            "agent:42/é.*": ([1, 2, 3], r2 + 1)}
+        rd = await hsm.remove_state(agent, "plan")
+        assert rd > r2
+        with pytest.raises(msstore.NotFoundError):  # the delete marker wins over the SQL row
+            await hsm.read_state(agent, "plan")
+        assert await hsm.read_state(agent, "plan", default=None) is None
+        await hsm.flush()
+        assert set(await rows_of(ms, agent)) == {"agent:42/é.*"}
+        c = hsm.counters
+        assert c["writes"] == 3 and c["removes"] == 1 and c["backlog"] == 0
+        assert c["rows_deleted"] == 1
+        frame = hsm.metrics()
+        assert int(frame["rows"].sum()) == c["rows_flushed"]
+
+
+@pytest.mark.parametrize("flusher", ["stream", "dirty-set"])
+async def test_coalescing_many_writes_to_one_key_flush_one_row(
+        ms: msstore.Connection, unique: Callable[[str], str], flusher: str) -> None:
+    agent = uuid.uuid4()
+    async with HybridStateManager(ms, bucket=unique("hy"), flusher=flusher,  # type: ignore[arg-type]
+                                  **QUIET) as hsm:
+        revs = [await hsm.write_state(agent, "counter", i) for i in range(100)]
+        await hsm.flush()
+        assert await rows_of(ms, agent) == {"counter": (99, revs[-1])}
+        assert hsm.counters["rows_flushed"] == 1
+
+
+async def test_lazy_hydration_after_the_kv_entry_is_gone(ms: msstore.Connection,
+                                                         unique: Callable[[str], str]) -> None:
+    agent, bucket = uuid.uuid4(), unique("hy")
+    async with HybridStateManager(ms, bucket=bucket, **QUIET) as hsm:
+        await hsm.write_state(agent, "memo", {"text": "hello"})
+        await hsm.flush()
+        kv_key = msstore.join_key(str(agent), "memo")
+        # what TTL expiry does: the message disappears from the stream, leaving no marker
+        await ms.js.purge_stream(hsm.stream, subject=f"{hsm.subject_prefix}{kv_key}")
+        kv = await ms.js.key_value(bucket)
+        with pytest.raises(Exception, match="not found"):
+            await kv.get(kv_key)
+        assert await hsm.read_state(agent, "memo") == {"text": "hello"}
+        assert msstore.loads((await kv.get(kv_key)).value) == {"text": "hello"}  # back in KV
+        assert await hsm.read_state(agent, "memo") == {"text": "hello"}
+        c = hsm.counters
+        assert (c["hydrations"], c["kv_hits"]) == (1, 1)
+        with pytest.raises(msstore.NotFoundError):
+            await hsm.read_state(agent, "never-written")
+
+
+class RacingManager(HybridStateManager):
+    """Writes a newer value between the hydration's SQL read and its KV create."""
+
+    newer: Any = None
+
+    async def _after_sql_read(self, agent: uuid.UUID, key: str) -> None:
+        await self.write_state(agent, key, self.newer)
+
+
+async def test_hydration_never_overwrites_a_newer_write(ms: msstore.Connection,
+                                                        unique: Callable[[str], str]) -> None:
+    agent, bucket = uuid.uuid4(), unique("hy")
+    async with RacingManager(ms, bucket=bucket, **QUIET) as hsm:
+        await hsm.write_state(agent, "k", "old")
+        await hsm.flush()
+        kv_key = msstore.join_key(str(agent), "k")
+        await ms.js.purge_stream(hsm.stream, subject=f"{hsm.subject_prefix}{kv_key}")
+        hsm.newer = "new"
+        assert await hsm.read_state(agent, "k") == "new"
+        kv = await ms.js.key_value(bucket)
+        assert msstore.loads((await kv.get(kv_key)).value) == "new"
+        assert hsm.counters["hydration_conflicts"] == 1
+        await hsm.flush()
+        value, version = (await rows_of(ms, agent))["k"]
+        assert (value, version) == ("new", (await kv.get(kv_key)).revision)
+
+
+async def test_bad_input_raises_typed_errors_and_loses_nothing(
+        ms: msstore.Connection, unique: Callable[[str], str]) -> None:
+    agent = uuid.uuid4()
+    async with HybridStateManager(ms, bucket=unique("hy"), **QUIET) as hsm:
+        rev = await hsm.write_state(agent, "k", {"ok": True})
+        with pytest.raises(msstore.NotSerializableError):
+            await hsm.write_state(agent, "k", {"bad": object()})
+        with pytest.raises(msstore.ValueTooLargeError):
+            await hsm.write_state(agent, "k", "x" * (2 * 1024 * 1024))
+        for bad_id in ("agent:42", 42, ""):
+            with pytest.raises(msstore.InvalidAgentIdError):
+                await hsm.write_state(bad_id, "k", 1)  # type: ignore[arg-type]
+        with pytest.raises(msstore.InvalidKeyError):
+            await hsm.write_state(agent, "", 1)
+        assert await hsm.read_state(agent, "k") == {"ok": True}
+        await hsm.flush()
+        assert await rows_of(ms, agent) == {"k": ({"ok": True}, rev)}
+        assert hsm.counters["writes"] == 1
+
+
+async def test_shuffled_out_of_order_flushes_end_at_the_kv_revision(
+        ms: msstore.Connection, unique: Callable[[str], str]) -> None:
+    agent, bucket = uuid.uuid4(), unique("hy")
+    rng = random.Random(7)
+    changes: list[StateChange] = []
+    async with HybridStateManager(ms, bucket=bucket, flusher="dirty-set", **QUIET) as hsm:
+        for round_ in range(5):
+            revs = await write_many(hsm, agent, [f"k{i}" for i in range(60)],
+                                    lambda k, r=round_: {"k": k, "round": r})  # type: ignore[misc]
+            changes += [StateChange(agent, k, rev, msstore.dumps({"k": k, "round": round_}))
+                        for k, rev in revs.items()]
+        rng.shuffle(changes)
+        for i in range(0, len(changes), 37):  # batches in random order, each coalesced
+            await merge_changes(ms.pool, coalesce(changes[i:i + 37]))
+        kv = await ms.js.key_value(bucket)
+        rows = await rows_of(ms, agent)
+        assert len(rows) == 60
+        for key, (value, version) in rows.items():
+            entry = await kv.get(msstore.join_key(str(agent), key))
+            assert version == entry.revision, key
+            assert value == msstore.loads(entry.value) == {"k": key, "round": 4}
+
+
+async def test_the_same_batch_flushed_twice_changes_nothing(ms: msstore.Connection) -> None:
+    agent = uuid.uuid4()
+    batch = [StateChange(agent, f"k{i}", 1000 + i, msstore.dumps({"i": i})) for i in range(50)]
+    batch.append(StateChange(agent, "gone", 2000, None))
+    await ms.pool.execute(
+        "INSERT INTO agents.state (agent_id, key, value, version) VALUES ($1, 'gone', '1', 1)",
+        agent)
+    first = await merge_changes(ms.pool, batch)
+    assert (first.upserted, first.deleted) == (50, 1)
+    snapshot = await ms.pool.fetch(
+        "SELECT key, value, version, updated_at, xmin::text FROM agents.state "
+        "WHERE agent_id = $1 ORDER BY key", agent)
+    second = await merge_changes(ms.pool, batch)
+    assert (second.upserted, second.deleted, second.skipped) == (0, 0, 51)
+    again = await ms.pool.fetch(
+        "SELECT key, value, version, updated_at, xmin::text FROM agents.state "
+        "WHERE agent_id = $1 ORDER BY key", agent)
+    assert again == snapshot and len(again) == 50
+
+
+async def test_merge_is_one_statement_whatever_the_batch_size(ms: msstore.Connection) -> None:
+    conn = await asyncpg.connect(ms.database_url)
+    await init_connection(conn)
+    seen: list[str] = []
+    conn.add_query_logger(lambda record: seen.append(record.query))
+    try:
+        # the connection's first use adds asyncpg's one-off type introspection: warm it up
+        await merge_changes(conn, [StateChange(uuid.uuid4(), "warm", 1, b"1")])
+        counts = {}
+        for n in (100, 10_000):
+            agent = uuid.uuid4()
+            batch = [StateChange(agent, f"k{i}", i + 1, b'{"v": 1}') for i in range(n)]
+            await asyncio.sleep(0.05)  # the query logger reports asynchronously
+            seen.clear()
+            result = await merge_changes(conn, batch)
+            await asyncio.sleep(0.05)
+            assert result.upserted == n
+            counts[n] = len(seen)
+            assert all("unnest" in q for q in seen)
+        assert counts == {100: 1, 10_000: 1}
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("flusher", ["stream", "dirty-set"])
+async def test_flushing_10000_dirty_keys_costs_as_many_statements_as_100(
+        ms: msstore.Connection, unique: Callable[[str], str], flusher: str) -> None:
+    statements = {}
+    for n in (100, 10_000):
+        agent = uuid.uuid4()
+        async with HybridStateManager(ms, bucket=unique("hy"), flusher=flusher,  # type: ignore[arg-type]
+                                      batch_size=10_000, **QUIET) as hsm:
+            revs = await write_many(hsm, agent, [f"k{i}" for i in range(n)])
+            await hsm.flush()
+            statements[n] = hsm.counters["sql_statements"]
+            assert hsm.counters["rows_upserted"] == n
+        rows = await rows_of(ms, agent)
+        assert {k: v for k, (_, v) in rows.items()} == revs
+    assert statements[100] == statements[10_000] == 1

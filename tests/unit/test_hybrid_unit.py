@@ -1,0 +1,53 @@
+"""HybridStateManager pieces that need no server: ids, coalescing, option checks."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+import msstore
+from msstore.hybrid import HybridStateManager, StateChange, agent_uuid, coalesce, merge_changes
+
+
+def test_agent_ids_must_be_uuids() -> None:
+    u = uuid.uuid4()
+    assert agent_uuid(u) is u
+    assert agent_uuid(str(u)) == u
+    for bad in ("agent:42", "", 42, None, b"x"):
+        with pytest.raises(msstore.InvalidAgentIdError):
+            agent_uuid(bad)
+
+
+def test_coalesce_keeps_the_highest_revision_per_key() -> None:
+    a, b = uuid.uuid4(), uuid.uuid4()
+    changes = [
+        StateChange(a, "k", 3, b"3"), StateChange(a, "k", 9, b"9"), StateChange(a, "k", 5, b"5"),
+        StateChange(b, "k", 4, None), StateChange(a, "j", 1, b"1"),
+    ]
+    out = {(c.agent_id, c.key): c for c in coalesce(changes)}
+    assert len(out) == 3
+    assert out[(a, "k")].revision == 9 and out[(a, "k")].data == b"9"
+    assert out[(b, "k")].data is None
+
+
+async def test_merge_refuses_a_batch_with_a_key_twice() -> None:
+    a = uuid.uuid4()
+    twice = [StateChange(a, "k", 1, b"1"), StateChange(a, "k", 2, b"2")]
+    with pytest.raises(ValueError, match="coalesce"):
+        await merge_changes(object(), twice)  # type: ignore[arg-type]  # fails before I/O
+
+
+@pytest.mark.parametrize("options", [
+    {"flusher": "write-through"}, {"flush_threshold": 0}, {"max_backlog": -1},
+    {"flush_interval": 0}, {"bucket": "bad.name"},
+])
+def test_bad_options_are_refused(options: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        HybridStateManager(object(), **options)  # type: ignore[arg-type]
+
+
+async def test_methods_refuse_to_run_before_start() -> None:
+    hsm = HybridStateManager(object())  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="async with"):
+        await hsm.write_state(uuid.uuid4(), "k", 1)
