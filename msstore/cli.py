@@ -86,6 +86,8 @@ def _cmd_workbook(args: argparse.Namespace) -> int:
             NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
                            resources={"metadata": {"path": str(folder)}}).execute()
             verdict = "ok"
+            if args.save:
+                nbformat.write(nb, path)  # type: ignore[no-untyped-call]
         except CellExecutionError as e:
             failed += 1
             verdict = "FAILED: " + str(e).strip().splitlines()[-1][:200]
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     wb = sub.add_parser("workbook", help="run every notebook headless and report each")
     wb.add_argument("folder", nargs="?", default="notebooks")
     wb.add_argument("--timeout", type=int, default=1200, help="seconds per cell")
+    wb.add_argument("--save", action="store_true",
+                    help="write the outputs back into each notebook that passed")
     wb.set_defaults(func=_cmd_workbook)
     args = parser.parse_args(argv)
     try:

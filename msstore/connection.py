@@ -13,6 +13,7 @@ started on demand); the schema is migrated on connect unless ``migrate=False``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -21,7 +22,6 @@ from types import TracebackType
 from typing import Any
 
 import asyncpg
-import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
@@ -57,7 +57,8 @@ class Connection:
     async def server_versions(self) -> dict[str, str]:
         """The versions the servers report over the wire (not the binaries on disk)."""
         pg = await self.pool.fetchval("SHOW server_version")
-        return {"postgres": str(pg), "nats": str(self.nc.connected_server_version)}
+        v = self.nc.connected_server_version
+        return {"postgres": str(pg), "nats": f"{v.major}.{v.minor}.{v.patch}"}
 
     async def pgvector_available(self) -> bool:
         """True when the server can ``CREATE EXTENSION vector``."""
@@ -81,7 +82,8 @@ class Connection:
 
 
 async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool,
-                min_size: int, max_size: int, home: Path | None) -> Connection:
+                min_size: int, max_size: int, home: Path | None,
+                connect_timeout: float) -> Connection:
     endpoints = await asyncio.to_thread(services.resolve, home, database_url, nats_url)
     try:
         pool = await asyncpg.create_pool(endpoints.database_url, min_size=min_size,
@@ -92,11 +94,20 @@ async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool
             f"cannot connect to PostgreSQL at {endpoints.database_url}: {e}; "
             f"is it running? (check `msstore status`, or {services.DATABASE_URL_ENV})"
         ) from e
+    nc = NATS()
     try:
-        nc = await nats.connect(endpoints.nats_url, connect_timeout=5,
-                                max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                error_cb=_log_nats_error)
+        # Unlimited reconnects keep a running app alive through a NATS restart, but nats-py
+        # applies the same setting to the *first* connect and would retry forever: bound it.
+        await asyncio.wait_for(
+            nc.connect(endpoints.nats_url, connect_timeout=max(1, int(connect_timeout / 2)),
+                       max_reconnect_attempts=-1,
+                       reconnect_time_wait=0.5,  # type: ignore[arg-type]  # typed int, is float
+                       error_cb=_log_nats_error),
+            timeout=connect_timeout,
+        )
     except Exception as e:
+        with contextlib.suppress(Exception):
+            await nc.close()
         await pool.close()
         raise StoreUnavailableError(
             f"cannot connect to NATS at {endpoints.nats_url}: {e!r}; "
@@ -147,14 +158,16 @@ class _Connect:
 
 def connect(database_url: str | None = None, nats_url: str | None = None, *,
             migrate: bool = True, min_size: int = 1, max_size: int = 10,
-            home: Path | None = None) -> _Connect:
+            home: Path | None = None, connect_timeout: float = 10.0) -> _Connect:
     """Connect to PostgreSQL and NATS, starting embedded servers for whatever is not given.
 
     URLs passed here win over ``MSSTORE_DATABASE_URL`` / ``MSSTORE_NATS_URL``, which win over
-    the embedded servers. ``migrate=True`` applies pending schema migrations first.
+    the embedded servers. ``migrate=True`` applies pending schema migrations first;
+    ``connect_timeout`` bounds each server's first connection (later reconnects are unbounded).
     """
     return _Connect(database_url=database_url, nats_url=nats_url, migrate=migrate,
-                    min_size=min_size, max_size=max_size, home=home)
+                    min_size=min_size, max_size=max_size, home=home,
+                    connect_timeout=connect_timeout)
 
 
 __all__ = ["Connection", "connect"]

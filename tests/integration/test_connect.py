@@ -53,4 +53,4 @@ async def test_unreachable_postgres_is_a_typed_error_naming_the_url(
 async def test_unreachable_nats_is_a_typed_error_naming_the_url(database_url: str) -> None:
     url = f"nats://127.0.0.1:{_closed_port()}"
     with pytest.raises(msstore.StoreUnavailableError, match=re.escape(url)):
-        await msstore.connect(database_url, url)
+        await msstore.connect(database_url, url, connect_timeout=2)
