@@ -48,7 +48,8 @@ def _escape(ch: str) -> str:
         raise InvalidKeyError(f"key contains {ch!r}, which is not valid Unicode text") from e
 
 
-def _check(key: object) -> str:
+def check_key(key: object) -> str:
+    """``key`` if it is a non-empty str; else :class:`InvalidKeyError` saying what is wrong."""
     if not isinstance(key, str):
         raise InvalidKeyError(f"keys must be str, got {type(key).__name__}: {key!r}")
     if not key:
@@ -67,7 +68,7 @@ def _limit(original: str, encoded: str) -> str:
 
 def encode_key(key: str) -> str:
     """Encode ``key`` into a valid NATS KV key; dots that make no empty token stay dots."""
-    key = _check(key)
+    key = check_key(key)
     if _ALREADY_SAFE_RE.match(key) and not key[:3].lower() == "_kv":
         return _limit(key, key)
     out: list[str] = []
@@ -86,7 +87,7 @@ def encode_key(key: str) -> str:
 
 def encode_token(part: str) -> str:
     """Encode ``part`` as exactly one subject token (every ``.`` escaped too)."""
-    part = _check(part)
+    part = check_key(part)
     encoded = encode_key(part)
     if "." in encoded:
         encoded = encoded.replace(".", "=2E")
@@ -143,6 +144,7 @@ def is_valid_nats_key(encoded: str) -> bool:
 
 __all__ = [
     "MAX_ENCODED_KEY",
+    "check_key",
     "decode_key",
     "encode_key",
     "encode_token",

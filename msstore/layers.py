@@ -44,6 +44,7 @@ from .errors import (
     StoreTimeoutError,
     StoreUnavailableError,
 )
+from .keys import check_key as _check_key
 from .keys import decode_key, encode_key
 from .kv import DEFAULT_TTL_SECONDS, ensure_bucket
 from .router import DataType, Hit, RoutingError
@@ -53,14 +54,6 @@ if TYPE_CHECKING:
 
 
 _MISSING: Any = object()
-
-
-def _check_key(key: object) -> str:
-    if not isinstance(key, str):
-        raise InvalidKeyError(f"keys must be str, got {type(key).__name__}: {key!r}")
-    if not key:
-        raise InvalidKeyError("keys must not be empty")
-    return key
 
 
 def _check_limit(limit: object) -> int:

@@ -227,3 +227,53 @@ async def test_flushing_10000_dirty_keys_costs_as_many_statements_as_100(
         rows = await rows_of(ms, agent)
         assert {k: v for k, (_, v) in rows.items()} == revs
     assert statements[100] == statements[10_000] == 1
+
+
+async def _rows_soon(ms: msstore.Connection, agent: uuid.UUID, count: int,
+                     polls: int = 400) -> dict[str, tuple[Any, int]]:
+    """Poll (a bounded number of times) until ``count`` rows arrived without a flush() call."""
+    rows: dict[str, tuple[Any, int]] = {}
+    for _ in range(polls):
+        rows = await rows_of(ms, agent)
+        if len(rows) >= count:
+            break
+        await asyncio.sleep(0.025)
+    return rows
+
+
+@pytest.mark.parametrize("flusher", ["stream", "dirty-set"])
+async def test_reaching_flush_threshold_flushes_without_being_asked(
+        ms: msstore.Connection, unique: Callable[[str], str], flusher: str) -> None:
+    agent = uuid.uuid4()
+    async with HybridStateManager(ms, bucket=unique("hy"), flusher=flusher,  # type: ignore[arg-type]
+                                  flush_threshold=10, flush_interval=3600.0) as hsm:
+        revs = await write_many(hsm, agent, [f"k{i}" for i in range(10)])
+        rows = await _rows_soon(ms, agent, 10)
+        assert {k: v for k, (_, v) in rows.items()} == revs
+        assert hsm.counters["flushes"] >= 1
+
+
+@pytest.mark.parametrize("flusher", ["stream", "dirty-set"])
+async def test_flush_interval_flushes_below_the_threshold(
+        ms: msstore.Connection, unique: Callable[[str], str], flusher: str) -> None:
+    agent = uuid.uuid4()
+    async with HybridStateManager(ms, bucket=unique("hy"), flusher=flusher,  # type: ignore[arg-type]
+                                  flush_threshold=1_000_000, flush_interval=0.1) as hsm:
+        rev = await hsm.write_state(agent, "only", {"v": 1})
+        assert await _rows_soon(ms, agent, 1) == {"only": ({"v": 1}, rev)}
+
+
+async def test_a_key_that_outlives_the_kv_ttl_unflushed_is_counted_and_still_flushed(
+        ms: msstore.Connection, unique: Callable[[str], str]) -> None:
+    agent = uuid.uuid4()
+    async with HybridStateManager(ms, bucket=unique("hy"), flusher="dirty-set", ttl=1.0,
+                                  **QUIET) as hsm:
+        rev = await hsm.write_state(agent, "short-lived", "v")
+        await hsm.write_state(agent, "also", "w")
+        for _ in range(100):  # until the bucket's max age removed the entry from KV
+            if await hsm.read_state(agent, "short-lived", default=None) is None:
+                break
+            await asyncio.sleep(0.05)
+        await hsm.flush()
+        assert hsm.counters["expired_unflushed"] == 2
+        assert (await rows_of(ms, agent))["short-lived"] == ("v", rev)
