@@ -73,10 +73,11 @@ def _cmd_workbook(args: argparse.Namespace) -> int:
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
-    folder = Path(args.folder)
-    notebooks = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
+    notebooks: list[Path] = []
+    for given in map(Path, args.paths):
+        notebooks += sorted(given.glob("[0-9][0-9]_*.ipynb")) if given.is_dir() else [given]
     if not notebooks:
-        print(f"no notebooks in {folder}")
+        print(f"no notebooks in {' '.join(args.paths)}")
         return 1
     failed = 0
     for path in notebooks:
@@ -84,7 +85,7 @@ def _cmd_workbook(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         try:
             NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
-                           resources={"metadata": {"path": str(folder)}}).execute()
+                           resources={"metadata": {"path": str(path.parent)}}).execute()
             verdict = "ok"
             if args.save:
                 nbformat.write(nb, path)  # type: ignore[no-untyped-call]
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     probe.add_argument("urls", nargs="+")
     probe.set_defaults(func=_cmd_probe)
     wb = sub.add_parser("workbook", help="run every notebook headless and report each")
-    wb.add_argument("folder", nargs="?", default="notebooks")
+    wb.add_argument("paths", nargs="*", default=["notebooks"],
+                    help="notebook files or folders (default: notebooks)")
     wb.add_argument("--timeout", type=int, default=1200, help="seconds per cell")
     wb.add_argument("--save", action="store_true",
                     help="write the outputs back into each notebook that passed")

@@ -63,14 +63,24 @@ async def database_url(fresh_database: Callable[[], object]) -> str:
     return await fresh_database()  # type: ignore[misc, no-any-return]
 
 
+_RUN = uuid.uuid4().hex[:6]  # every name this session makes ends with it
+
+
 @pytest.fixture(scope="session")
 async def ms(database_url: str, endpoints: services.Endpoints) -> AsyncIterator[msstore.Connection]:
-    """The session's connection: fresh, migrated database plus the resolved NATS."""
+    """The session's connection: fresh, migrated database plus the resolved NATS.
+
+    At the end it deletes the streams (KV buckets) this session named through ``unique``, so
+    a long-lived external NATS does not collect a bucket per test per run.
+    """
     async with msstore.connect(database_url, endpoints.nats_url) as conn:
         yield conn
+        for info in await conn.js.streams_info():
+            if info.config.name and f"_{_RUN}" in info.config.name:
+                await conn.js.delete_stream(info.config.name)
 
 
 @pytest.fixture
 def unique() -> Callable[[str], str]:
-    """``unique("bucket")`` -> ``bucket_3f9a0c1d2e``: names that never collide across runs."""
-    return lambda prefix="t": f"{prefix}_{uuid.uuid4().hex[:10]}"
+    """``unique("bucket")`` -> ``bucket_3f9a0c1d_ab12cd``: names that never collide."""
+    return lambda prefix="t": f"{prefix}_{uuid.uuid4().hex[:8]}_{_RUN}"

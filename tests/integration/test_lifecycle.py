@@ -1,0 +1,324 @@
+"""StateLifecycleManager against real PostgreSQL and NATS.
+
+PostgreSQL outages use a *private* embedded server (its own state folder), never the shared one.
+Idle time is driven by a fake clock, so no test waits for, or asserts on, wall-clock time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nats.js.errors
+import pytest
+
+import msstore
+from msstore import services
+from msstore.codec import dumps
+from msstore.errors import NotFoundError, StoreUnavailableError
+from msstore.hybrid import StateChange, merge_changes
+from msstore.lifecycle import IllegalTransitionError, LifecycleState, StateLifecycleManager
+
+S = LifecycleState
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def lm(ms: msstore.Connection, unique: Callable[[str], str], clock: FakeClock
+             ) -> AsyncIterator[StateLifecycleManager]:
+    async with StateLifecycleManager(ms, bucket=unique("lc"), ttl=600, idle_timeout=60,
+                                     sweep_interval=3600, clock=clock) as manager:
+        yield manager
+
+
+async def seed_sql(ms: msstore.Connection, agent: uuid.UUID, values: dict[str, Any]) -> None:
+    """Rows as an earlier flush would have left them (version 1)."""
+    await merge_changes(ms.pool, [StateChange(agent, k, 1, dumps(v)) for k, v in values.items()])
+
+
+async def sql_state(pool_or_url: asyncpg.Pool | str, agent: uuid.UUID
+                    ) -> dict[str, tuple[Any, int]]:
+    """key -> (value, version) as PostgreSQL holds them."""
+    query = "SELECT key, value, version FROM agents.state WHERE agent_id = $1"
+    if isinstance(pool_or_url, str):
+        conn = await asyncpg.connect(pool_or_url)
+        try:
+            await msstore.codec.init_connection(conn)
+            rows = await conn.fetch(query, agent)
+        finally:
+            await conn.close()
+    else:
+        rows = await pool_or_url.fetch(query, agent)
+    return {r["key"]: (r["value"], r["version"]) for r in rows}
+
+
+async def kv_state(lm: StateLifecycleManager, agent: uuid.UUID, keys: list[str]
+                   ) -> dict[str, tuple[Any, int] | None]:
+    """key -> (value, revision) as KV holds them; None for a delete marker or no message."""
+    kv = await lm.ms.js.key_value(lm.bucket)
+    out: dict[str, tuple[Any, int] | None] = {}
+    for key in keys:
+        try:
+            entry = await kv.get(msstore.join_key(str(agent), key))
+        except nats.js.errors.KeyNotFoundError:
+            out[key] = None
+        else:
+            out[key] = (msstore.loads(entry.value or b"null"), entry.revision or 0)
+    return out
+
+
+def pairs(lm: StateLifecycleManager, agent: uuid.UUID) -> list[tuple[LifecycleState, ...]]:
+    return [(e.from_state, e.to_state) for e in lm.transitions(agent)]
+
+
+# --------------------------------------------------------------------------- transitions
+
+
+async def test_an_agent_goes_through_every_state(lm: StateLifecycleManager,
+                                                 clock: FakeClock) -> None:
+    agent = uuid.uuid4()
+    seen: list[tuple[uuid.UUID, LifecycleState, LifecycleState]] = []
+    lm.on_transition(lambda a, f, t, _at: seen.append((a, f, t)))
+    assert lm.state(agent) is S.COLD
+    await lm.write(agent, "plan", {"step": 1})             # COLD → HYDRATING → ACTIVE
+    assert lm.state(agent) is S.ACTIVE and lm.dirty(agent) == {"plan"}
+    await lm.flush_agent(agent)                             # → FLUSHING → ACTIVE
+    assert lm.dirty(agent) == frozenset()
+    await lm.write(agent, "goal", "ship it")
+    clock.advance(61)
+    assert await lm.expire_idle() == [agent]                # → FLUSHING → ACTIVE → EXPIRED
+    assert lm.state(agent) is S.EXPIRED
+    assert await lm.read(agent, "goal") == "ship it"       # EXPIRED → HYDRATING → ACTIVE
+    assert pairs(lm, agent) == [
+        (S.COLD, S.HYDRATING), (S.HYDRATING, S.ACTIVE),
+        (S.ACTIVE, S.FLUSHING), (S.FLUSHING, S.ACTIVE),
+        (S.ACTIVE, S.FLUSHING), (S.FLUSHING, S.ACTIVE), (S.ACTIVE, S.EXPIRED),
+        (S.EXPIRED, S.HYDRATING), (S.HYDRATING, S.ACTIVE),
+    ]
+    assert [(f, t) for a, f, t in seen if a == agent] == pairs(lm, agent)
+    with pytest.raises(IllegalTransitionError, match="ACTIVE → COLD"):
+        lm.tracker.transition(agent, S.COLD)
+    assert lm.state(agent) is S.ACTIVE
+
+
+# --------------------------------------------------------------------------- hydration
+
+
+async def test_ten_concurrent_hydrations_run_exactly_one_sql_load(
+        lm: StateLifecycleManager, ms: msstore.Connection) -> None:
+    agent = uuid.uuid4()
+    values = {f"k{i}": {"i": i} for i in range(50)}
+    await seed_sql(ms, agent, values)
+    results = await asyncio.gather(*(lm.hydrate_agent(agent) for _ in range(10)))
+    assert lm.counters["sql_loads"] == 1
+    assert lm.counters["hydration_joins"] == 9
+    assert all(r is results[0] for r in results)
+    assert (results[0].rows, results[0].created, results[0].skipped) == (50, 50, 0)
+    kv = await kv_state(lm, agent, list(values))
+    assert {k: v[0] for k, v in kv.items() if v} == values
+    # an ACTIVE agent is not loaded again
+    assert (await lm.hydrate_agent(agent)).sql_load is False
+    assert lm.counters["sql_loads"] == 1
+
+
+async def test_hydration_never_overwrites_a_newer_kv_value(
+        lm: StateLifecycleManager, ms: msstore.Connection) -> None:
+    agent = uuid.uuid4()
+    await seed_sql(ms, agent, {"plan": "old", "goal": "from sql"})
+    kv = await ms.js.key_value(lm.bucket)
+    await kv.put(msstore.join_key(str(agent), "plan"), dumps("newer"))
+    result = await lm.hydrate_agent(agent)
+    assert (result.created, result.skipped) == (1, 1)
+    assert await lm.read(agent, "plan") == "newer"
+    assert await lm.read(agent, "goal") == "from sql"
+
+
+@pytest.mark.parametrize("chunk", [1, 64])
+async def test_hydration_is_pipelined(ms: msstore.Connection, unique: Callable[[str], str],
+                                      chunk: int) -> None:
+    agent = uuid.uuid4()
+    await seed_sql(ms, agent, {f"k{i}": i for i in range(200)})
+    async with StateLifecycleManager(ms, bucket=unique("pipe"), hydrate_chunk=chunk) as lm:
+        await lm.hydrate_agent(agent)
+        # every put of a chunk is in flight before the first acknowledgement comes back
+        assert lm.counters["hydration_peak_in_flight"] == chunk
+        assert lm.counters["keys_hydrated"] == 200
+
+
+# --------------------------------------------------------------------------- flush failure
+
+
+@pytest.fixture(scope="module")
+async def private_pg(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Path]:
+    """A private embedded PostgreSQL this module may stop and start (same port each time)."""
+    home = tmp_path_factory.mktemp("lifecycle_pg")
+    await asyncio.to_thread(services.up, home, which=("postgres",))
+    try:
+        yield home
+    finally:
+        await asyncio.to_thread(services.down, home, which=("postgres",))
+
+
+@pytest.fixture
+async def private_ms(private_pg: Path, ms: msstore.Connection
+                     ) -> AsyncIterator[msstore.Connection]:
+    endpoints = await asyncio.to_thread(services.up, private_pg, which=("postgres",))
+    async with msstore.connect(endpoints.postgres.url, ms.nats_url) as conn:
+        yield conn
+
+
+async def test_a_failed_flush_rolls_back_keeps_the_dirty_keys_and_the_retry_succeeds(
+        private_pg: Path, private_ms: msstore.Connection,
+        unique: Callable[[str], str]) -> None:
+    agent, other = uuid.uuid4(), uuid.uuid4()
+    async with StateLifecycleManager(private_ms, bucket=unique("fail"),
+                                     flush_on_close=False) as lm:
+        await lm.write(agent, "a", 1)
+        await lm.write(agent, "b", 2)
+        await lm.flush_agent(agent)
+        before = await sql_state(private_ms.pool, agent)
+        assert {k: v for k, (v, _) in before.items()} == {"a": 1, "b": 2}
+        await lm.write(agent, "a", 10)
+        await lm.write(agent, "c", 3)
+        await lm.delete(agent, "b")
+        assert lm.dirty(agent) == {"a", "b", "c"}
+
+        await asyncio.to_thread(services.down, private_pg, which=("postgres",))
+        try:
+            with pytest.raises(StoreUnavailableError, match="retry"):
+                await lm.flush_agent(agent)
+            assert lm.state(agent) is S.ACTIVE
+            assert lm.dirty(agent) == {"a", "b", "c"}
+            assert pairs(lm, agent)[-2:] == [(S.ACTIVE, S.FLUSHING), (S.FLUSHING, S.ACTIVE)]
+            assert lm.counters["flush_failures"] == 1
+            # a hydration that cannot read PostgreSQL falls back to COLD
+            with pytest.raises(StoreUnavailableError):
+                await lm.hydrate_agent(other)
+            assert pairs(lm, other) == [(S.COLD, S.HYDRATING), (S.HYDRATING, S.COLD)]
+        finally:
+            await asyncio.to_thread(services.up, private_pg, which=("postgres",))
+
+        # PostgreSQL is unchanged (read on a fresh connection, not through the pool)
+        assert await sql_state(private_ms.database_url, agent) == before
+        # the retry succeeds; the pool may first hand out connections the restart closed
+        for _attempt in range(10):
+            try:
+                result = await lm.flush_agent(agent)
+                break
+            except StoreUnavailableError:
+                continue
+        else:
+            pytest.fail(f"flush still failing after PostgreSQL came back: {lm.last_error!r}")
+        assert (result.upserted, result.deleted) == (2, 1)
+        assert lm.dirty(agent) == frozenset()
+        after = await sql_state(private_ms.pool, agent)
+        kv = await kv_state(lm, agent, ["a", "b", "c"])
+        assert after == {k: v for k, v in kv.items() if v is not None}
+        assert {k: v for k, (v, _) in after.items()} == {"a": 10, "c": 3}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+async def test_checkpoint_then_restore_gives_back_the_checkpointed_state_exactly(
+        lm: StateLifecycleManager, ms: msstore.Connection) -> None:
+    agent = uuid.uuid4()
+    original = {"a": {"n": 1}, "b": [2, "two"], "c": "three"}
+    for k, v in original.items():
+        await lm.write(agent, k, v)
+    await lm.delete(agent, "c")
+    await lm.write(agent, "c", original["c"])
+    await lm.flush_agent(agent)
+    checkpoint = await lm.checkpoint(agent)
+    kv_before = await kv_state(lm, agent, list(original))
+    row = await ms.pool.fetchrow(
+        "SELECT state_snapshot, kv_revision FROM agents.checkpoints "
+        "WHERE agent_id = $1 AND checkpoint_id = $2", agent, checkpoint)
+    assert row["state_snapshot"] == original
+    assert row["kv_revision"] == max(v[1] for v in kv_before.values() if v)
+
+    await lm.write(agent, "a", {"n": 100})                 # changed
+    await lm.delete(agent, "b")                             # removed
+    await lm.write(agent, "d", "added")                     # added
+    await lm.flush_agent(agent)
+    await ms.pool.execute(                                  # a row KV never held
+        "INSERT INTO agents.state (agent_id, key, value, version) VALUES ($1, 'stray', '1', 1)",
+        agent)
+
+    result = await lm.restore(agent, checkpoint)
+    assert (result.written, result.removed) == (3, 1)
+    kv = await kv_state(lm, agent, ["a", "b", "c", "d"])
+    assert {k: v[0] for k, v in kv.items() if v} == original
+    assert kv["d"] is None
+    sql = await sql_state(ms.pool, agent)
+    assert {k: v for k, (v, _) in sql.items()} == original
+    assert {k: ver for k, (_, ver) in sql.items()} == {k: v[1] for k, v in kv.items() if v}
+    assert lm.dirty(agent) == frozenset()
+    with pytest.raises(NotFoundError):
+        await lm.read(agent, "d")
+    with pytest.raises(NotFoundError, match="checkpoint"):
+        await lm.restore(agent, uuid.uuid4())
+
+
+# --------------------------------------------------------------------------- expiry
+
+
+async def test_expiry_purges_kv_and_the_next_read_hydrates_the_same_values(
+        lm: StateLifecycleManager, ms: msstore.Connection, clock: FakeClock) -> None:
+    idle, busy = uuid.uuid4(), uuid.uuid4()
+    values = {f"k{i}": {"i": i} for i in range(20)}
+    for k, v in values.items():
+        await lm.write(idle, k, v)                          # dirty: expiry must flush them
+    clock.advance(30)
+    await lm.write(busy, "x", 1)
+    clock.advance(31)                                       # idle: 61 s, busy: 31 s
+    assert await lm.expire_idle() == [idle]
+    assert (lm.state(idle), lm.state(busy)) == (S.EXPIRED, S.ACTIVE)
+    assert set((await kv_state(lm, idle, list(values))).values()) == {None}
+    info = await ms.js.stream_info(lm.stream, subjects_filter=f"$KV.{lm.bucket}.{idle}.>")
+    assert not info.state.subjects  # purged: not even delete markers are left
+    assert {k: v for k, (v, _) in (await sql_state(ms.pool, idle)).items()} == values
+
+    loads_before = lm.counters["sql_loads"]
+    assert await lm.read(idle, "k7") == {"i": 7}
+    assert lm.counters["sql_loads"] == loads_before + 1
+    assert pairs(lm, idle)[-3:] == [(S.ACTIVE, S.EXPIRED), (S.EXPIRED, S.HYDRATING),
+                                    (S.HYDRATING, S.ACTIVE)]
+    assert {k: v[0] for k, v in (await kv_state(lm, idle, list(values))).items()
+            if v} == values
+
+
+async def test_the_background_sweeper_expires_idle_agents(
+        ms: msstore.Connection, unique: Callable[[str], str], clock: FakeClock) -> None:
+    agent = uuid.uuid4()
+    expired = asyncio.Event()
+    async with StateLifecycleManager(ms, bucket=unique("sweep"), ttl=600, idle_timeout=60,
+                                     sweep_interval=0.05, clock=clock) as lm:
+        lm.on_transition(lambda a, _f, to, _t: expired.set() if to is S.EXPIRED else None)
+        await lm.write(agent, "k", "v")
+        clock.advance(61)
+        await asyncio.wait_for(expired.wait(), timeout=30)  # a bound, not a measurement
+        assert lm.state(agent) is S.EXPIRED
+        assert lm.counters["sweeps"] >= 1
+        assert await lm.read(agent, "k") == "v"
