@@ -9,6 +9,7 @@ from .connection import Connection, connect
 from .errors import (
     BackpressureError,
     ConflictError,
+    IllegalTransitionError,
     InvalidAgentIdError,
     InvalidKeyError,
     InvalidValueError,
@@ -17,6 +18,7 @@ from .errors import (
     MsstoreError,
     NotFoundError,
     NotSerializableError,
+    PendingWritesError,
     RoutingError,
     ServiceError,
     StoreTimeoutError,
@@ -35,11 +37,15 @@ from .layers import (
     TaskStore,
     VectorStore,
 )
+from .lifecycle import LifecycleState, StateLifecycleManager
+from .repository import Agent, AgentRepository, Repository
 from .router import DataRouter, DataStorage, DataType, Hit, StorageLayer, Store
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Agent",
+    "AgentRepository",
     "BackpressureError",
     "ConflictError",
     "Connection",
@@ -50,10 +56,12 @@ __all__ = [
     "HashingEmbedder",
     "Hit",
     "HybridStateManager",
+    "IllegalTransitionError",
     "InvalidAgentIdError",
     "InvalidKeyError",
     "InvalidValueError",
     "KVStore",
+    "LifecycleState",
     "MemoryCache",
     "MessageLogStore",
     "MigrationChecksumError",
@@ -61,9 +69,12 @@ __all__ = [
     "MsstoreError",
     "NotFoundError",
     "NotSerializableError",
+    "PendingWritesError",
+    "Repository",
     "RoutingError",
     "SQLStore",
     "ServiceError",
+    "StateLifecycleManager",
     "StorageLayer",
     "Store",
     "StoreTimeoutError",

@@ -7,6 +7,9 @@ for a store that did not answer in time), so generic handlers keep working.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 
 class MsstoreError(Exception):
     """Root of every error msstore raises on purpose."""
@@ -52,6 +55,30 @@ class ConflictError(MsstoreError):
     """An optimistic-concurrency check failed: someone else wrote first."""
 
 
+class PendingWritesError(StoreUnavailableError):
+    """Some SQL writes could not be committed within the retry budget; they are kept."""
+
+    def __init__(self, message: str, agent_ids: list[Any],
+                 last_error: BaseException | None) -> None:
+        super().__init__(message)
+        self.agent_ids = agent_ids
+        self.last_error = last_error
+
+
+class IllegalTransitionError(MsstoreError):
+    """A lifecycle transition the state machine does not allow."""
+
+    def __init__(self, agent_id: object, from_state: Any, to_state: Any,
+                 legal: Iterable[Any]) -> None:
+        self.agent_id, self.from_state, self.to_state = agent_id, from_state, to_state
+        self.legal = frozenset(legal)
+        targets = ", ".join(sorted(s.name for s in self.legal))
+        super().__init__(
+            f"agent {agent_id}: illegal lifecycle transition {from_state.name} → "
+            f"{to_state.name}; from {from_state.name} only {targets} is legal "
+            "(see msstore.lifecycle.TRANSITIONS)")
+
+
 class BackpressureError(MsstoreError):
     """The unflushed backlog reached its bound; writes are refused until it drains."""
 
@@ -71,6 +98,7 @@ class ServiceError(MsstoreError):
 __all__ = [
     "BackpressureError",
     "ConflictError",
+    "IllegalTransitionError",
     "InvalidAgentIdError",
     "InvalidKeyError",
     "InvalidValueError",
@@ -79,6 +107,7 @@ __all__ = [
     "MsstoreError",
     "NotFoundError",
     "NotSerializableError",
+    "PendingWritesError",
     "RoutingError",
     "ServiceError",
     "StoreTimeoutError",

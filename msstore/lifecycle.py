@@ -59,7 +59,12 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from .codec import dumps, loads
-from .errors import MsstoreError, NotFoundError, StoreTimeoutError, StoreUnavailableError
+from .errors import (
+    IllegalTransitionError,
+    NotFoundError,
+    StoreTimeoutError,
+    StoreUnavailableError,
+)
 from .hybrid import KV_OPERATION, MergeResult, StateChange, agent_uuid, merge_changes
 from .keys import encode_token, join_key, split_key
 from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket
@@ -105,26 +110,11 @@ TRANSITIONS: Final[Mapping[LifecycleState, frozenset[LifecycleState]]] = {
 }
 
 
-class IllegalTransitionError(MsstoreError):
-    """A lifecycle transition the state machine does not allow."""
-
-    def __init__(self, agent_id: object, from_state: LifecycleState,
-                 to_state: LifecycleState) -> None:
-        self.agent_id = agent_id
-        self.from_state = from_state
-        self.to_state = to_state
-        self.legal = TRANSITIONS[from_state]
-        targets = ", ".join(sorted(s.name for s in self.legal))
-        super().__init__(
-            f"agent {agent_id}: illegal lifecycle transition {from_state.name} → {to_state.name}; "
-            f"from {from_state.name} only {targets} is legal (see msstore.lifecycle.TRANSITIONS)")
-
-
 def check_transition(from_state: LifecycleState, to_state: LifecycleState,
                      agent_id: object = None) -> None:
     """Raise :class:`IllegalTransitionError` unless ``from_state → to_state`` is in the table."""
     if to_state not in TRANSITIONS[from_state]:
-        raise IllegalTransitionError(agent_id, from_state, to_state)
+        raise IllegalTransitionError(agent_id, from_state, to_state, TRANSITIONS[from_state])
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,7 +526,7 @@ class StateLifecycleManager:
             self.counters["hydration_peak_in_flight"] = max(
                 self.counters["hydration_peak_in_flight"], in_flight)
             try:
-                await kv.put(kv_key, data)  # only if KV has no message for the key
+                await kv.update(kv_key, data, last=0)  # only if KV has no message for the key
                 return True
             except nats.js.errors.KeyWrongLastSequenceError:
                 return False  # a newer value (or a delete marker) is in KV: it wins

@@ -36,9 +36,12 @@ What msstore changes against the seed's pseudocode:
   revision, and a stale version raises :class:`~msstore.ConflictError`;
 * the seed's hydrating ``kv.put`` is blind; here it is a create-only compare-and-set.
 
-"Persists" means: one batch failed ``1 + max_retries`` attempts in a row (default 1 + 6, backoff
-0.05 s doubling up to 2 s: about 5 s). Its writes move to the failed set; they are never dropped
-while the process lives, and KV still holds their values (until the bucket's TTL).
+"Persists" means: one batch failed ``1 + max_retries`` attempts in a row (default 1 + 6; backoff
+0.05 s doubling, capped at 2 s, jittered: at most about 3 s of waiting). Its writes move to the
+failed set: ``pending`` still counts them, ``drain()`` and ``close()`` raise
+:class:`PendingWritesError` naming them, and the next successful batch or ``drain()`` retries
+them. They are never dropped while the process lives, and KV still holds their values (until
+the bucket's TTL).
 
 ``delete`` is tracked like ``save``: a KV delete marker (its revision is the delete's version),
 then a guarded ``DELETE … WHERE version < marker`` in the next batch.
@@ -72,6 +75,7 @@ from .errors import (
     InvalidValueError,
     NotFoundError,
     NotSerializableError,
+    PendingWritesError,
     StoreTimeoutError,
     StoreUnavailableError,
 )
@@ -195,16 +199,6 @@ class Agent:
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class PendingWritesError(StoreUnavailableError):
-    """Some SQL writes could not be committed within the retry budget; they are kept."""
-
-    def __init__(self, message: str, agent_ids: list[uuid.UUID],
-                 last_error: BaseException | None) -> None:
-        super().__init__(message)
-        self.agent_ids = agent_ids
-        self.last_error = last_error
 
 
 # --------------------------------------------------------------------------- the SQL side
@@ -417,26 +411,35 @@ class AgentRepository:
         is re-tried as a create-only write, so one of several such updaters wins.
         """
         kv = self._check_open()
-        current: int | str
+        current = await self._describe_current(agent_id, key)
+        if current is None:
+            sql_version = await self._sql_version(agent_id)
+            if sql_version == expected:
+                try:
+                    async with self._nats_errors(f"update agent {agent_id}"):
+                        return await kv.update(key, data, last=0)
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    current = await self._describe_current(agent_id, key)
+            elif sql_version is not None:
+                current = f"is at version {sql_version} (in SQL; KV lost it)"
+        self.counters["conflicts"] += 1
+        raise ConflictError(
+            f"agent {agent_id} {current or 'does not exist'}, not at the expected version "
+            f"{expected}: someone else wrote it first; re-read it with find(), re-apply your "
+            "change and retry update()") from error
+
+    async def _describe_current(self, agent_id: uuid.UUID, key: str) -> str | None:
+        """What KV holds for ``key`` now, in words; None when it holds no message at all."""
+        kv = self._check_open()
         try:
             async with self._nats_errors(f"read agent {agent_id}"):
                 entry = await kv.get(key)
-            current = entry.revision or 0
         except nats.js.errors.KeyNotFoundError as e:
-            if e.op is not None:
-                current = f"deleted (at version {e.entry.revision})" if e.entry else "deleted"
-            else:
-                sql_version = await self._sql_version(agent_id)
-                if sql_version == expected:
-                    with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
-                        async with self._nats_errors(f"update agent {agent_id}"):
-                            return await kv.update(key, data, last=0)
-                current = "absent" if sql_version is None else sql_version
-        self.counters["conflicts"] += 1
-        raise ConflictError(
-            f"agent {agent_id} is at version {current}, not {expected}: someone else wrote it "
-            "first; re-read it with find(), re-apply your change and retry update()"
-        ) from error
+            if e.op is None:
+                return None
+            return f"was deleted (delete marker at version {e.entry.revision})" if e.entry \
+                else "was deleted"
+        return f"is at version {entry.revision}"
 
     async def find(self, id: uuid.UUID | str) -> Agent:
         """KV first, then ``agents.registry`` (putting the row back into KV by create-only CAS).
@@ -448,12 +451,16 @@ class AgentRepository:
         agent_id = agent_uuid(id)
         key = self.kv_key(agent_id)
         self.counters["finds"] += 1
+        why = "never saved, or deleted and flushed"
+        agent: Agent | None = None
         for _attempt in range(3):
             try:
                 async with self._nats_errors(f"read agent {agent_id}"):
                     entry = await kv.get(key)
             except nats.js.errors.KeyNotFoundError as e:
                 if e.op is not None:  # deleted: authoritative, whatever SQL still holds
+                    revision = e.entry.revision if e.entry else "?"
+                    why = f"deleted: KV holds its delete marker at version {revision}"
                     break
                 agent = await self._from_sql(agent_id)
                 if agent is None:
@@ -474,9 +481,12 @@ class AgentRepository:
                 d = loads(entry.value or b"null")
                 return Agent._trusted(agent_id, d["type"], d["status"], d["metadata"],
                                       entry.revision or 0)
+        else:  # three lost races in a row: the SQL row is still a committed state
+            if agent is not None:
+                return agent
         self.counters["not_found"] += 1
         raise NotFoundError(f"agent {agent_id} is not in KV bucket {self.bucket!r} nor in "
-                            "agents.registry (never saved, or deleted)")
+                            f"agents.registry ({why})")
 
     async def delete(self, id: uuid.UUID | str) -> None:
         """Put a KV delete marker now; the guarded SQL delete is queued like a save."""

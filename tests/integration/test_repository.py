@@ -80,8 +80,9 @@ async def test_find_update_delete_round_trip(ms: msstore.Connection,
                                            "version": updated.version}
 
     await repo.delete(saved.id)
-    with pytest.raises(msstore.NotFoundError, match=str(saved.id)):
+    with pytest.raises(msstore.NotFoundError, match="delete marker"):
         await repo.find(saved.id)  # the KV delete marker answers before SQL is touched
+    assert repo.counters["sql_fallbacks"] == 0
     await repo.drain()
     assert await sql_row(ms, saved.id) is None
     assert repo.counters["sql_deleted"] == 1 and repo.pending == 0
@@ -147,14 +148,14 @@ async def test_stale_update_raises_conflict_naming_the_current_version(
     with pytest.raises(msstore.ConflictError) as info:
         await repo.update(v1.replace(status="stale"))
     message = str(info.value)
-    assert f"at version {v2.version}, not {v1.version}" in message
+    assert f"is at version {v2.version}, not at the expected version {v1.version}" in message
     assert "re-read it with find()" in message
     assert (await repo.find(v1.id)).status == "busy"
     assert repo.counters["conflicts"] == 1
     with pytest.raises(msstore.InvalidValueError, match="save"):
         await repo.update(Agent(uuid.uuid4(), "never-saved"))
     await repo.delete(v1.id)
-    with pytest.raises(msstore.ConflictError, match="deleted"):
+    with pytest.raises(msstore.ConflictError, match=r"was deleted \(delete marker at version"):
         await repo.update(v2)
 
 
