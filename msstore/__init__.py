@@ -4,6 +4,7 @@ The public surface is small on purpose; everything else lives in the module name
 pattern (``msstore.keys``, ``msstore.migrations``, ``msstore.services`` …).
 """
 
+from .cache import CacheEntry, CacheSource, TieredCacheRepository
 from .codec import dumps, loads
 from .connection import Connection, connect
 from .errors import (
@@ -47,6 +48,8 @@ __all__ = [
     "Agent",
     "AgentRepository",
     "BackpressureError",
+    "CacheEntry",
+    "CacheSource",
     "ConflictError",
     "Connection",
     "DataRouter",
@@ -80,6 +83,7 @@ __all__ = [
     "StoreTimeoutError",
     "StoreUnavailableError",
     "TaskStore",
+    "TieredCacheRepository",
     "ValueTooLargeError",
     "VectorStore",
     "__version__",

@@ -1,0 +1,763 @@
+"""Tiered cache (seed 4.3): L1 process memory → L2 NATS KV → L3 any repository (SQL).
+
+::
+
+    GET  find(id)
+      │ L1: OrderedDict lookup + TTL check ──hit──▶ value   (sync: no await, no lock, no I/O)
+      │ miss / expired
+      ▼
+      in-flight load for id? ──yes──▶ await the same future (single-flight: 1 load for N misses)
+      │ no: start one, register it (its ``notified_rev`` starts at 0)
+      ▼
+      L2: KV direct get ──hit──▶ CacheEntry(source=KV, revision) ─────────────────┐
+      │ no value (never cached, expired by max age, or a delete marker at rev d)  │
+      ▼                                                                          │
+      L3: repository.find(id) ──NotFoundError──▶ raised to every waiter, not cached
+      │ entity                                                                   │
+      ▼                                                                          │
+      KV update(last=d)  (compare-and-set: never over a newer value)             │
+      │ ok ──▶ CacheEntry(source=DB, revision=new)                               │
+      │ lost the race ──▶ read KV again (someone newer wrote) ───────────────────┤
+      ▼                                                                          ▼
+      install into L1 only if revision >= notified_rev (else load again), LRU-bounded
+
+    INVALIDATE  (another process, or this one: put / invalidate / save / delete)
+      KV put or delete marker on $KV.<bucket>.<prefix>.<key>  (revision r, server timestamp)
+        │ ordered push consumer, deliver policy NEW, headers only (one per cache)
+        ▼
+      watcher callback ──▶ in-flight load for key?  notified_rev = max(notified_rev, r)
+                       ──▶ L1 entry with revision < r?  drop it
+                       ──▶ latency sample: now - message timestamp;  seen_revision = r
+
+Guarantee: once the watcher has processed revision ``r`` of a key (``wait_for_revision(r)``
+returns), :meth:`find` never returns a value of that key older than ``r``. A load that began
+before the notification cannot install its older value afterwards: installs are checked
+against the revisions notified while the load ran.
+
+What differs from the seed's pseudocode: L1 is bounded (LRU + TTL); concurrent misses share
+one load; the L2 repopulation is a compare-and-set, not a blind ``put``; L1s of other processes
+are kept coherent by the KV watch, not only by TTL; every tier is measured.
+
+Metrics: every ``find`` counts one L1 hit or miss, so ``memory.hits + memory.misses`` equals the
+number of calls; each call is *served* by exactly one of MEMORY, KV, DB or ends in not-found /
+error. On the L1 hit path the cost is an int increment plus one ``perf_counter`` pair; with
+``latency_sample_every=N`` only every N-th hit appends a latency sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import math
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+
+from .codec import dumps, loads
+from .errors import (
+    InvalidKeyError,
+    InvalidValueError,
+    NotFoundError,
+    StoreTimeoutError,
+    StoreUnavailableError,
+)
+from .keys import check_key, encode_token, join_key, split_key
+from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .connection import Connection
+
+log = logging.getLogger("msstore.cache")
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+EntityId = uuid.UUID | str
+
+KV_OPERATION: Final = "KV-Operation"
+TIERS: Final = ("memory", "kv", "db")
+
+
+class CacheSource(enum.Enum):
+    """Where a value came from: this process' memory, NATS KV, or the repository (SQL)."""
+
+    MEMORY = "memory"
+    KV = "kv"
+    DB = "db"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry(Generic[T]):
+    """One cached value, as the seed's ``CacheEntry`` plus the KV revision it corresponds to.
+
+    ``timestamp`` is the cache clock (monotonic by default) when the entry was made, ``ttl`` its
+    L1 lifetime in seconds (``None``: until evicted or invalidated). In L1, ``source`` says where
+    the value came from (MEMORY for a local ``put``); from :meth:`TieredCacheRepository.
+    find_entry` it says which tier answered that call.
+    """
+
+    value: T
+    timestamp: float
+    ttl: float | None
+    source: CacheSource
+    revision: int
+    expires_at: float
+
+    def is_valid(self, now: float) -> bool:
+        return self.expires_at > now
+
+
+class Finder(Protocol[T_co]):
+    """L3: anything with the Repository's ``find`` (``msstore.repository.AgentRepository``)."""
+
+    async def find(self, id: uuid.UUID | str) -> T_co: ...
+
+
+class KVBucket(Protocol):
+    """The part of nats-py's ``KeyValue`` the cache uses (so tests can pass a fake)."""
+
+    async def get(self, key: str) -> Any: ...
+
+    async def put(self, key: str, value: bytes) -> int: ...
+
+    async def update(self, key: str, value: bytes, last: int | None = None) -> int: ...
+
+    async def delete(self, key: str) -> bool: ...
+
+
+class _TierStats:
+    __slots__ = ("hits", "misses", "samples", "served")
+
+    def __init__(self, max_samples: int) -> None:
+        self.hits = 0
+        self.misses = 0
+        self.served = 0
+        #: seconds per call served by this tier (whole ``find``, L1 check included)
+        self.samples: deque[float] = deque(maxlen=max_samples)
+
+
+class _Flight:
+    """One in-flight L2/L3 load; ``notified_rev`` is the highest change the watch reported."""
+
+    __slots__ = ("notified_rev", "task")
+
+    def __init__(self) -> None:
+        self.notified_rev = 0
+        self.task: asyncio.Task[CacheEntry[Any]] | None = None
+
+
+class _LostRace(Exception):
+    """The key was deleted in KV between our L3 read and the L2 repopulation."""
+
+
+@contextlib.contextmanager
+def _nats_errors(what: str) -> Iterator[None]:
+    """Translate nats-py transport errors; KV "missing"/"wrong last" pass through."""
+    try:
+        yield
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyWrongLastSequenceError):
+        raise
+    except nats.errors.TimeoutError as e:
+        raise StoreTimeoutError(f"NATS did not answer in time while {what}") from e
+    except nats.errors.Error as e:
+        raise StoreUnavailableError(f"NATS failed while {what}: {e!r}") from e
+
+
+def _positive(name: str, value: object, *, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 \
+            or math.isinf(value):
+        raise InvalidValueError(f"{name} must be a positive number of seconds"
+                                f"{' or None' if allow_none else ''}, got {value!r}")
+    return float(value)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _default_to_dict(entity: Any) -> Any:
+    if dataclasses.is_dataclass(entity) and not isinstance(entity, type):
+        return dataclasses.asdict(entity)
+    return entity
+
+
+def _identity(data: Any) -> Any:
+    return data
+
+
+class TieredCacheRepository(Generic[T]):
+    """Read-through cache L1 memory → L2 NATS KV → L3 ``repository``, coherent across processes.
+
+    ::
+
+        repo = await AgentRepository.open(ms)
+        async with TieredCacheRepository(ms, repo, bucket="agent_cache",
+                                         entity_type=Agent) as cache:
+            agent = await cache.find(agent_id)        # DB, then KV, then MEMORY
+            cache.peek(agent_id)                      # L1 only, synchronous
+            await cache.save(agent.replace(status="busy"))   # L3 write + KV + own L1
+            cache.stats()                             # DataFrame, one row per tier
+
+    Values in KV are ``codec.dumps(to_dict(entity))`` under ``<key_prefix>.<id>``; defaults:
+    dataclasses go through ``dataclasses.asdict`` and ``entity_type(**data)``, anything else is
+    stored as plain JSON. L1 holds values by reference: do not mutate what ``find`` returns.
+
+    ``ms=None`` with an explicit ``kv`` runs without a watch (unit tests): L1 is then
+    coherent only through its TTL and this process' own writes.
+    """
+
+    def __init__(self, ms: Connection | None, repository: Finder[T], *,
+                 bucket: str = "cache", key_prefix: str = "entity",
+                 l1_max_entries: int = 10_000, l1_ttl: float | None = 60.0,
+                 kv_ttl: float | None = DEFAULT_TTL_SECONDS,
+                 entity_type: type[T] | None = None,
+                 to_dict: Callable[[T], Any] | None = None,
+                 from_dict: Callable[[Any], T] | None = None,
+                 id_of: Callable[[T], EntityId] | None = None,
+                 kv: KVBucket | None = None, watch: bool = True,
+                 evict_interval: float | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 latency_sample_every: int = 1, max_samples: int = 100_000,
+                 max_load_attempts: int = 3) -> None:
+        if ms is None and kv is None:
+            raise InvalidValueError("TieredCacheRepository needs a connection (ms) or a kv "
+                                    "bucket; pass ms=await msstore.connect()")
+        self.ms = ms
+        self.repository = repository
+        self.bucket = check_bucket_name(bucket)
+        self.key_prefix = encode_token(key_prefix)
+        self.l1_max_entries = _positive_int("l1_max_entries", l1_max_entries)
+        self.l1_ttl = _positive("l1_ttl", l1_ttl, allow_none=True)
+        self.kv_ttl = _positive("kv_ttl", kv_ttl, allow_none=True)
+        self.evict_interval = _positive("evict_interval", evict_interval, allow_none=True) \
+            or min(self.l1_ttl or 60.0, 60.0) / 2
+        self.latency_sample_every = _positive_int("latency_sample_every", latency_sample_every)
+        self.max_load_attempts = _positive_int("max_load_attempts", max_load_attempts)
+        _positive_int("max_samples", max_samples)
+        self._to_dict: Callable[[T], Any] = to_dict or _default_to_dict
+        if from_dict is not None:
+            self._from_dict: Callable[[Any], Any] = from_dict
+        elif entity_type is None:
+            self._from_dict = _identity
+        elif dataclasses.is_dataclass(entity_type):
+            self._from_dict = lambda data: entity_type(**data)
+        else:
+            raise InvalidValueError(
+                f"entity_type {entity_type.__name__} is not a dataclass: pass from_dict= "
+                "(and to_dict=) to say how it is stored as JSON")
+        self._id_of = id_of or (lambda entity: entity.id)  # type: ignore[attr-defined]
+        self._kv: KVBucket | None = kv
+        self._watch = watch and ms is not None
+        self._clock = clock
+        self._l1: OrderedDict[str, CacheEntry[T]] = OrderedDict()
+        self._flights: dict[str, _Flight] = {}
+        self._mem = _TierStats(max_samples)
+        self._kvs = _TierStats(max_samples)
+        self._db = _TierStats(max_samples)
+        self._by_source = {CacheSource.MEMORY: self._mem, CacheSource.KV: self._kvs,
+                           CacheSource.DB: self._db}
+        #: (revision, seconds from the KV write to the watcher handling it, L1 entry dropped?)
+        self.invalidation_samples: deque[tuple[int, float, bool]] = deque(maxlen=max_samples)
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("coalesced", "not_found", "errors", "loads", "stale_loads", "evictions",
+             "expirations", "notifications", "invalidations", "puts", "kv_races"), 0)
+        #: the most entries L1 ever held (never above ``l1_max_entries``)
+        self.l1_high_water = 0
+        self._seen_revision = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._sub: Any = None
+        self._evictor: asyncio.Task[None] | None = None
+        self._started = False
+        self._closed = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @classmethod
+    async def open(cls, ms: Connection, repository: Finder[T], **options: Any
+                   ) -> TieredCacheRepository[T]:
+        """Create and start a cache (the non-``async with`` spelling)."""
+        cache = cls(ms, repository, **options)
+        await cache.start()
+        return cache
+
+    async def start(self) -> None:
+        """Open the bucket, start the watch (before any read) and the background evictor."""
+        if self._started:
+            raise RuntimeError("cannot start a TieredCacheRepository twice")
+        self._started = True
+        if self._kv is None:
+            assert self.ms is not None
+            with _nats_errors(f"opening bucket {self.bucket!r}"):
+                self._kv = await ensure_bucket(
+                    self.ms.js, self.bucket, ttl=self.kv_ttl,
+                    description="msstore tiered cache (L2)")
+        if self._watch:
+            assert self.ms is not None
+            with _nats_errors(f"watching bucket {self.bucket!r}"):
+                self._sub = await self.ms.js.subscribe(
+                    f"$KV.{self.bucket}.{self.key_prefix}.>", stream=f"KV_{self.bucket}",
+                    cb=self._on_change, ordered_consumer=True,
+                    deliver_policy=DeliverPolicy.NEW, headers_only=True,
+                    inactive_threshold=300.0)
+        self._evictor = asyncio.create_task(self._evict_loop(),
+                                            name=f"msstore-cache-evict-{self.bucket}")
+
+    async def close(self) -> None:
+        """Stop the watch and the evictor, wait for in-flight loads; L1 is cleared."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._evictor is not None:
+            self._evictor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._evictor
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        flights = [f.task for f in self._flights.values() if f.task is not None]
+        if flights:
+            await asyncio.gather(*flights, return_exceptions=True)
+        for _rev, fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(StoreUnavailableError("the cache was closed while waiting"))
+        self._waiters.clear()
+        self._l1.clear()
+
+    async def __aenter__(self) -> TieredCacheRepository[T]:
+        if not self._started:
+            await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    # ---------------------------------------------------------------- keys and values
+
+    @staticmethod
+    def _key(id: object) -> str:
+        if isinstance(id, uuid.UUID):
+            return str(id)
+        try:
+            return check_key(id)
+        except InvalidKeyError as e:
+            raise InvalidKeyError(f"cache ids must be a UUID or a non-empty str: {e}") from e
+
+    def kv_key(self, id: EntityId) -> str:
+        """The L2 key of ``id``: ``<key_prefix>.<encoded id>``."""
+        return join_key(self.key_prefix, self._key(id))
+
+    def _encode(self, entity: T) -> bytes:
+        return dumps(self._to_dict(entity))
+
+    def _decode(self, data: bytes | None) -> T:
+        value: T = self._from_dict(loads(data or b"null"))
+        return value
+
+    def _entry(self, value: T, source: CacheSource, revision: int) -> CacheEntry[T]:
+        now = self._clock()
+        ttl = self.l1_ttl
+        return CacheEntry(value, now, ttl, source, revision,
+                          math.inf if ttl is None else now + ttl)
+
+    def _check_kv(self) -> KVBucket:
+        if self._kv is None or not self._started or self._closed:
+            raise RuntimeError("the cache is not open: use `async with TieredCacheRepository(…)`"
+                               " or `await TieredCacheRepository.open(…)`")
+        return self._kv
+
+    # ---------------------------------------------------------------- reads
+
+    async def find(self, id: EntityId) -> T:
+        """The entity: L1, else L2, else L3; raises :class:`NotFoundError` if L3 has none."""
+        t0 = time.perf_counter()
+        key = id if type(id) is str else self._key(id)
+        entry = self._l1.get(key)
+        if entry is not None and entry.expires_at > self._clock():
+            # the hit path: no await, lock, task or I/O before returning
+            self._l1.move_to_end(key)
+            mem = self._mem
+            mem.hits += 1
+            mem.served += 1
+            if mem.hits % self.latency_sample_every == 0:
+                mem.samples.append(time.perf_counter() - t0)
+            return entry.value
+        return (await self._miss(key, id, t0, entry)).value
+
+    async def find_entry(self, id: EntityId) -> CacheEntry[T]:
+        """Like :meth:`find`, but the :class:`CacheEntry`, ``source`` = the tier that answered."""
+        t0 = time.perf_counter()
+        key = id if type(id) is str else self._key(id)
+        entry = self._l1.get(key)
+        if entry is not None and entry.expires_at > self._clock():
+            self._l1.move_to_end(key)
+            mem = self._mem
+            mem.hits += 1
+            mem.served += 1
+            if mem.hits % self.latency_sample_every == 0:
+                mem.samples.append(time.perf_counter() - t0)
+            return dataclasses.replace(entry, source=CacheSource.MEMORY)
+        return await self._miss(key, id, t0, entry)
+
+    def peek(self, id: EntityId) -> T | None:
+        """The live L1 value or ``None``: synchronous, no I/O, no metrics, LRU order kept."""
+        entry = self.peek_entry(id)
+        return None if entry is None else entry.value
+
+    def peek_entry(self, id: EntityId) -> CacheEntry[T] | None:
+        """The live L1 entry (``source`` = where its value came from) or ``None``."""
+        entry = self._l1.get(id if type(id) is str else self._key(id))
+        if entry is None or entry.expires_at <= self._clock():
+            return None
+        return entry
+
+    async def _miss(self, key: str, id: EntityId, t0: float,
+                    expired: CacheEntry[T] | None) -> CacheEntry[T]:
+        key = self._key(key)
+        self._check_kv()
+        if expired is not None and self._l1.get(key) is expired:
+            del self._l1[key]
+            self.counters["expirations"] += 1
+        self._mem.misses += 1
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = _Flight()
+            self._flights[key] = flight  # before the task runs: the watch must see it
+            flight.task = asyncio.create_task(self._load(key, id, flight))
+            flight.task.add_done_callback(_retrieve)
+            self.counters["loads"] += 1
+        else:
+            self.counters["coalesced"] += 1
+        assert flight.task is not None
+        try:
+            entry = await asyncio.shield(flight.task)
+        except NotFoundError:
+            self.counters["not_found"] += 1
+            raise
+        except BaseException:
+            self.counters["errors"] += 1
+            raise
+        stats = self._by_source[entry.source]
+        stats.served += 1
+        stats.samples.append(time.perf_counter() - t0)
+        return entry
+
+    async def _load(self, key: str, id: EntityId, flight: _Flight) -> CacheEntry[T]:
+        """Load once per attempt; install only if no newer change was notified meanwhile."""
+        try:
+            entry: CacheEntry[T] | None = None
+            for _attempt in range(self.max_load_attempts):
+                try:
+                    entry = await self._load_once(key, id)
+                except _LostRace:
+                    self.counters["kv_races"] += 1
+                    continue
+                if entry.revision >= flight.notified_rev:
+                    self._install(key, entry)
+                    return entry
+                self.counters["stale_loads"] += 1
+            if entry is None:
+                raise StoreUnavailableError(
+                    f"could not load {key!r}: KV deleted it during each of "
+                    f"{self.max_load_attempts} loads; retry, or raise max_load_attempts")
+            return entry  # newer than anything notified before this attempt; not installed
+        finally:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+
+    async def _load_once(self, key: str, id: EntityId) -> CacheEntry[T]:
+        kv = self._check_kv()
+        kkey = join_key(self.key_prefix, key)
+        last = 0
+        try:
+            with _nats_errors(f"reading {kkey!r} from bucket {self.bucket!r}"):
+                got = await kv.get(kkey)
+        except nats.js.errors.KeyNotFoundError as e:
+            self._kvs.misses += 1
+            if e.entry is not None and e.entry.revision:  # a delete marker: CAS over it
+                last = int(e.entry.revision)
+        else:
+            self._kvs.hits += 1
+            return self._entry(self._decode(got.value), CacheSource.KV, int(got.revision))
+        try:
+            value = await self.repository.find(id)
+        except NotFoundError:
+            self._db.misses += 1
+            raise
+        self._db.hits += 1
+        data = self._encode(value)
+        try:
+            with _nats_errors(f"repopulating {kkey!r} in bucket {self.bucket!r}"):
+                revision = await kv.update(kkey, data, last=last)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass  # someone wrote (or deleted) since our KV miss: theirs is newer than our read
+        else:
+            return self._entry(value, CacheSource.DB, int(revision))
+        try:
+            with _nats_errors(f"re-reading {kkey!r} from bucket {self.bucket!r}"):
+                got = await kv.get(kkey)
+        except nats.js.errors.KeyNotFoundError as e:
+            self._kvs.misses += 1
+            raise _LostRace from e
+        self._kvs.hits += 1
+        return self._entry(self._decode(got.value), CacheSource.KV, int(got.revision))
+
+    def _install(self, key: str, entry: CacheEntry[T]) -> None:
+        current = self._l1.get(key)
+        if current is not None and current.revision > entry.revision:
+            return  # a newer value (our own put) got there first
+        l1 = self._l1
+        l1[key] = entry
+        l1.move_to_end(key)
+        while len(l1) > self.l1_max_entries:
+            l1.popitem(last=False)
+            self.counters["evictions"] += 1
+        if len(l1) > self.l1_high_water:
+            self.l1_high_water = len(l1)
+
+    # ---------------------------------------------------------------- writes
+
+    def _note_change(self, key: str, revision: int) -> None:
+        flight = self._flights.get(key)
+        if flight is not None and revision > flight.notified_rev:
+            flight.notified_rev = revision
+
+    async def put(self, id: EntityId, entity: T) -> int:
+        """Write ``entity`` to L2 (blind put) and this process' L1; return the KV revision.
+
+        Other processes drop their L1 copy when their watch sees the write. The caller keeps
+        L3 up to date (or uses :meth:`save`).
+        """
+        kv = self._check_kv()
+        key = self._key(id)
+        kkey = join_key(self.key_prefix, key)
+        data = self._encode(entity)
+        with _nats_errors(f"writing {kkey!r} to bucket {self.bucket!r}"):
+            revision = int(await kv.put(kkey, data))
+        self.counters["puts"] += 1
+        self._note_change(key, revision)
+        if revision >= self._seen_revision:  # else the watch may already be past a newer write
+            self._install(key, self._entry(entity, CacheSource.MEMORY, revision))
+        else:
+            self._l1.pop(key, None)
+        return revision
+
+    async def invalidate(self, id: EntityId) -> int | None:
+        """Drop ``id`` from L2 (a KV delete marker) and from L1; every process' watch sees it.
+
+        Returns the marker's revision (``None`` when running on a bare ``kv`` without ``ms``).
+        """
+        kv = self._check_kv()
+        key = self._key(id)
+        kkey = join_key(self.key_prefix, key)
+        revision: int | None = None
+        with _nats_errors(f"deleting {kkey!r} from bucket {self.bucket!r}"):
+            if self.ms is not None:
+                ack = await self.ms.js.publish(f"$KV.{self.bucket}.{kkey}", b"",
+                                               headers={KV_OPERATION: "DEL"})
+                revision = int(ack.seq)
+            else:
+                await kv.delete(kkey)
+        self._l1.pop(key, None)
+        if revision is not None:
+            self._note_change(key, revision)
+        return revision
+
+    def evict(self, id: EntityId) -> bool:
+        """Drop ``id`` from this process' L1 only (L2 keeps it); True if it was there."""
+        return self._l1.pop(self._key(id), None) is not None
+
+    def clear_l1(self) -> None:
+        """Empty this process' L1 (L2 and L3 are untouched)."""
+        self._l1.clear()
+
+    async def save(self, entity: T) -> T:
+        """``repository.save(entity)``, then :meth:`put` the saved entity (L2 + own L1)."""
+        saved: T = await self._repo_method("save")(entity)
+        await self.put(self._id_of(saved), saved)
+        return saved
+
+    async def update(self, entity: T, *args: Any, **kwargs: Any) -> T:
+        """``repository.update(entity, …)`` (its concurrency check), then :meth:`put`."""
+        saved: T = await self._repo_method("update")(entity, *args, **kwargs)
+        await self.put(self._id_of(saved), saved)
+        return saved
+
+    async def delete(self, id: EntityId) -> None:
+        """``repository.delete(id)``, then :meth:`invalidate` it in every process."""
+        await self._repo_method("delete")(id)
+        await self.invalidate(id)
+
+    def _repo_method(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.repository, name, None)
+        if method is None:
+            raise InvalidValueError(
+                f"the L3 repository {type(self.repository).__name__} has no {name}(); "
+                f"write through it directly and call put()/invalidate() on the cache")
+        return method  # type: ignore[no-any-return]
+
+    # ---------------------------------------------------------------- coherence
+
+    async def _on_change(self, msg: Msg) -> None:
+        """Watch callback: record the change for in-flight loads, drop stale L1 entries."""
+        try:
+            meta = msg.metadata
+            revision = int(meta.sequence.stream)
+            kkey = msg.subject[len(self.bucket) + 5:]  # after "$KV.<bucket>."
+            key = split_key(kkey, 1)[1]
+        except Exception:  # not a key this cache wrote: nothing to invalidate
+            log.debug("cache watch: ignoring %r", msg.subject, exc_info=True)
+            return
+        self.counters["notifications"] += 1
+        self._note_change(key, revision)
+        entry = self._l1.get(key)
+        dropped = entry is not None and entry.revision < revision
+        if dropped:
+            del self._l1[key]
+            self.counters["invalidations"] += 1
+        latency = time.time() - meta.timestamp.timestamp()
+        self.invalidation_samples.append((revision, latency, dropped))
+        if revision > self._seen_revision:
+            self._seen_revision = revision
+            if self._waiters:
+                still = []
+                for rev, fut in self._waiters:
+                    if rev <= revision:
+                        if not fut.done():
+                            fut.set_result(None)
+                    else:
+                        still.append((rev, fut))
+                self._waiters = still
+
+    @property
+    def seen_revision(self) -> int:
+        """The highest KV revision of this cache's keys the watch has processed."""
+        return self._seen_revision
+
+    async def wait_for_revision(self, revision: int, within: float = 10.0) -> None:
+        """Return once the watch has processed ``revision`` (the result of a put elsewhere)."""
+        if not self._watch:
+            raise InvalidValueError("this cache has no watch (ms=None or watch=False)")
+        if self._seen_revision >= revision:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((revision, fut))
+        try:
+            await asyncio.wait_for(fut, within)
+        except TimeoutError as e:
+            raise StoreTimeoutError(
+                f"the watch on bucket {self.bucket!r} did not see revision {revision} within "
+                f"{within} s (last seen {self._seen_revision}); is the revision from a key "
+                f"under prefix {self.key_prefix!r} of this bucket?") from e
+
+    # ---------------------------------------------------------------- expiry
+
+    def evict_expired(self) -> int:
+        """Drop every expired L1 entry now; return how many (also runs in the background)."""
+        now = self._clock()
+        dead = [k for k, e in self._l1.items() if e.expires_at <= now]
+        for k in dead:
+            del self._l1[k]
+        self.counters["expirations"] += len(dead)
+        return len(dead)
+
+    async def _evict_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.evict_interval)
+            try:
+                self.evict_expired()
+            except Exception:  # never let housekeeping die silently
+                log.exception("cache evict_expired failed")
+
+    # ---------------------------------------------------------------- metrics
+
+    def __len__(self) -> int:
+        return len(self._l1)
+
+    @property
+    def calls(self) -> int:
+        """Number of find/find_entry calls so far (= L1 hits + L1 misses)."""
+        return self._mem.hits + self._mem.misses
+
+    def stats(self) -> pd.DataFrame:
+        """One row per tier: lookups, hits, misses, hit_rate, served, share, p50/p99 ms.
+
+        ``hit_rate`` is per lookup *at that tier*; ``share`` is the fraction of all calls that
+        tier answered. ``df.attrs`` holds the counters, L1 size and invalidation latency.
+        """
+        import numpy as np
+        import pandas as pd
+
+        calls = self.calls
+        rows = []
+        for name, st in zip(TIERS, (self._mem, self._kvs, self._db), strict=True):
+            lookups = st.hits + st.misses
+            samples = np.fromiter(st.samples, dtype=float) * 1e3
+            rows.append({
+                "tier": name, "lookups": lookups, "hits": st.hits, "misses": st.misses,
+                "hit_rate": st.hits / lookups if lookups else math.nan,
+                "served": st.served, "share": st.served / calls if calls else math.nan,
+                "p50_ms": float(np.percentile(samples, 50)) if len(samples) else math.nan,
+                "p99_ms": float(np.percentile(samples, 99)) if len(samples) else math.nan,
+                "samples": len(samples),
+            })
+        df = pd.DataFrame(rows).set_index("tier")
+        inval = np.array([s[1] for s in self.invalidation_samples if s[2]]) * 1e3
+        df.attrs.update(self.counters, calls=calls, l1_size=len(self._l1),
+                        l1_max_entries=self.l1_max_entries, l1_high_water=self.l1_high_water,
+                        invalidation_p50_ms=float(np.percentile(inval, 50))
+                        if len(inval) else math.nan,
+                        invalidation_p99_ms=float(np.percentile(inval, 99))
+                        if len(inval) else math.nan)
+        return df
+
+    def samples(self) -> pd.DataFrame:
+        """Raw latency samples: one row per sampled call, columns ``source``, ``latency_ms``."""
+        import pandas as pd
+
+        frames = [pd.DataFrame({"source": name, "latency_ms": [s * 1e3 for s in st.samples]})
+                  for name, st in zip(TIERS, (self._mem, self._kvs, self._db), strict=True)]
+        return pd.concat(frames, ignore_index=True)
+
+    def invalidation_latencies(self) -> pd.DataFrame:
+        """One row per watch notification: ``revision``, ``latency_ms``, ``dropped``.
+
+        Latency is the watcher's wall clock minus the server's timestamp of the KV write, so it
+        includes any clock difference between the machines (none on one host).
+        """
+        import pandas as pd
+
+        return pd.DataFrame([(r, s * 1e3, d) for r, s, d in self.invalidation_samples],
+                            columns=["revision", "latency_ms", "dropped"])
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Done callback: mark a load's exception retrieved (its waiters may all be gone)."""
+    if not task.cancelled():
+        task.exception()
+
+
+__all__ = [
+    "CacheEntry",
+    "CacheSource",
+    "Finder",
+    "KVBucket",
+    "TieredCacheRepository",
+]
