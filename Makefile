@@ -7,12 +7,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export MSSTORE_SCALE ?= ci
 
-.PHONY: help setup workbook test lint typecheck unit integration notebooks external lab up down status clean
+.PHONY: help setup workbook test lint unit integration notebooks external lab bench up down status clean
 
 help:
 	@echo "make workbook   set everything up and run every notebook headless (reports each)"
 	@echo "make test       lint, unit + integration tests, nbval over notebooks/ (both lanes)"
 	@echo "make lab        open JupyterLab on the same services"
+	@echo "make bench      side-by-side benchmarks (MSSTORE_SCALE=full for the README's figures)"
 	@echo "make up|down|status   manage the embedded PostgreSQL and nats-server"
 
 $(STAMP): pyproject.toml
@@ -22,14 +23,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
-setup: $(STAMP)
+setbench: $(STAMP)
+	$(BIN)/msstore bench --scale $(MSSTORE_SCALE)
+
+up: $(STAMP)
 
 workbook: $(STAMP)
 	$(BIN)/msstore up
 	$(BIN)/msstore workbook notebooks
 
 lint: $(STAMP)
-	$(BIN)/ruff check msstore tests notebooks
+	$(BIN)/ruff check msstore tests notebooks benchmarks
 	$(BIN)/mypy
 
 unit: $(STAMP)
@@ -57,6 +61,9 @@ test: $(STAMP)
 lab: $(STAMP)
 	$(BIN)/msstore up
 	eval "$$($(BIN)/msstore env)" && cd notebooks && ../$(BIN)/jupyter lab
+
+bench: $(STAMP)
+	$(BIN)/msstore bench --scale $(MSSTORE_SCALE)
 
 up: $(STAMP)
 	$(BIN)/msstore up

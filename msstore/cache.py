@@ -40,8 +40,9 @@ are kept coherent by the KV watch, not only by TTL; every tier is measured.
 
 Metrics: every ``find`` counts one L1 hit or miss, so ``memory.hits + memory.misses`` equals the
 number of calls; each call is *served* by exactly one of MEMORY, KV, DB or ends in not-found /
-error. On the L1 hit path the cost is an int increment plus one ``perf_counter`` pair; with
-``latency_sample_every=N`` only every N-th hit appends a latency sample.
+error. On the L1 hit path the cost is one int increment; only every N-th hit
+(``latency_sample_every=N``, default 64) takes a ``perf_counter`` pair and appends a latency
+sample, because timing every hit would cost more than the hit itself. Misses are always timed.
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ class TieredCacheRepository(Generic[T]):
                  kv: KVBucket | None = None, watch: bool = True,
                  evict_interval: float | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 latency_sample_every: int = 1, max_samples: int = 100_000,
+                 latency_sample_every: int = 64, max_samples: int = 100_000,
                  max_load_attempts: int = 3) -> None:
         if ms is None and kv is None:
             raise InvalidValueError("TieredCacheRepository needs a connection (ms) or a kv "
@@ -387,34 +388,33 @@ class TieredCacheRepository(Generic[T]):
 
     async def find(self, id: EntityId) -> T:
         """The entity: L1, else L2, else L3; raises :class:`NotFoundError` if L3 has none."""
-        t0 = time.perf_counter()
+        mem = self._mem
+        if mem.hits % self.latency_sample_every == 0:  # the next hit is timed: rare path
+            return (await self.find_entry(id)).value
         key = id if type(id) is str else self._key(id)
-        entry = self._l1.get(key)
+        l1 = self._l1
+        entry = l1.get(key)
         if entry is not None and entry.expires_at > self._clock():
-            # the hit path: no await, lock, task or I/O before returning
-            self._l1.move_to_end(key)
-            mem = self._mem
+            # the hit path: no await, lock, task, I/O or clock read before returning
+            l1.move_to_end(key)
             mem.hits += 1
-            mem.served += 1
-            if mem.hits % self.latency_sample_every == 0:
-                mem.samples.append(time.perf_counter() - t0)
             return entry.value
-        return (await self._miss(key, id, t0, entry)).value
+        return (await self._miss(key, id, time.perf_counter(), entry)).value
 
     async def find_entry(self, id: EntityId) -> CacheEntry[T]:
         """Like :meth:`find`, but the :class:`CacheEntry`, ``source`` = the tier that answered."""
-        t0 = time.perf_counter()
+        mem = self._mem
+        timed = mem.hits % self.latency_sample_every == 0
+        t0 = time.perf_counter() if timed else 0.0
         key = id if type(id) is str else self._key(id)
         entry = self._l1.get(key)
         if entry is not None and entry.expires_at > self._clock():
             self._l1.move_to_end(key)
-            mem = self._mem
             mem.hits += 1
-            mem.served += 1
-            if mem.hits % self.latency_sample_every == 0:
+            if timed:
                 mem.samples.append(time.perf_counter() - t0)
             return dataclasses.replace(entry, source=CacheSource.MEMORY)
-        return await self._miss(key, id, t0, entry)
+        return await self._miss(key, id, t0 if timed else time.perf_counter(), entry)
 
     def peek(self, id: EntityId) -> T | None:
         """The live L1 value or ``None``: synchronous, no I/O, no metrics, LRU order kept."""
@@ -709,11 +709,13 @@ class TieredCacheRepository(Generic[T]):
         rows = []
         for name, st in zip(TIERS, (self._mem, self._kvs, self._db), strict=True):
             lookups = st.hits + st.misses
+            # an L1 hit is served by MEMORY by definition: the hit path counts it once, as a hit
+            served = st.served + (st.hits if st is self._mem else 0)
             samples = np.fromiter(st.samples, dtype=float) * 1e3
             rows.append({
                 "tier": name, "lookups": lookups, "hits": st.hits, "misses": st.misses,
                 "hit_rate": st.hits / lookups if lookups else math.nan,
-                "served": st.served, "share": st.served / calls if calls else math.nan,
+                "served": served, "share": served / calls if calls else math.nan,
                 "p50_ms": float(np.percentile(samples, 50)) if len(samples) else math.nan,
                 "p99_ms": float(np.percentile(samples, 99)) if len(samples) else math.nan,
                 "samples": len(samples),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import sys
 import time
@@ -97,6 +98,18 @@ def _cmd_workbook(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Run the side-by-side benchmarks of ``benchmarks/`` (a source checkout only)."""
+    try:
+        from benchmarks.run import main as bench_main
+    except ImportError:
+        print("msstore bench runs from a source checkout: benchmarks/ is not in the wheel",
+              file=sys.stderr)
+        return 2
+    return int(bench_main(["--scale", args.scale, "--out", str(args.out)]
+                          + (["--only", args.only] if args.only else [])))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="msstore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     wb.add_argument("--save", action="store_true",
                     help="write the outputs back into each notebook that passed")
     wb.set_defaults(func=_cmd_workbook)
+    bench = sub.add_parser("bench", help="side-by-side benchmarks (CSV + PNG charts)")
+    bench.add_argument("--scale", choices=["ci", "full"],
+                       default=os.environ.get("MSSTORE_SCALE", "ci"))
+    bench.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    bench.add_argument("--only", default="", help="comma-separated numbers, e.g. 1,3")
+    bench.set_defaults(func=_cmd_bench)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -17,9 +17,10 @@ listeners registered with :meth:`StateLifecycleManager.on_transition`.
 
 What msstore adds to the seed's pseudocode:
 
-* **hydration** loads the agent's rows with *one* query and creates them in KV in pipelined
-  chunks (``hydrate_chunk`` publishes in flight, not one awaited put per key); each put is a
-  compare-and-set create, so a newer value already in KV is never overwritten by an older row.
+* **hydration** loads the agent's rows with *one* query and creates them in KV pipelined (at
+  most ``hydrate_chunk`` publishes in flight, their acks counted on one inbox subscription, not
+  one awaited put per key); each put is a compare-and-set create, so a newer value (or a delete
+  marker) already in KV is never overwritten by an older row.
   Concurrent ``hydrate_agent`` calls for one agent share one hydration (single-flight).
 * **flushing** reads the dirty keys from KV in one pipelined batch and writes them in one
   PostgreSQL transaction with :func:`msstore.hybrid.merge_changes` (version = KV revision).
@@ -44,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 import time
 import uuid
@@ -56,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 import asyncpg
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
 from .codec import dumps, loads
@@ -66,7 +69,7 @@ from .errors import (
     StoreUnavailableError,
 )
 from .hybrid import KV_OPERATION, MergeResult, StateChange, agent_uuid, merge_changes
-from .keys import encode_token, join_key, split_key
+from .keys import MAX_ENCODED_KEY, encode_key, encode_token, join_key, split_key
 from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket
 
 if TYPE_CHECKING:
@@ -502,8 +505,7 @@ class StateLifecycleManager:
                 rows = await self._sql(f"load agent {agent}", self.ms.pool.fetch(
                     "SELECT key, value::text AS value FROM agents.state WHERE agent_id = $1",
                     agent, timeout=self.sql_timeout))
-                created = await self._create_all(
-                    [(join_key(str(agent), r["key"]), str(r["value"]).encode()) for r in rows])
+                created = await self._create_all(_kv_items(agent, rows))
             except BaseException:
                 self.counters["hydration_failures"] += 1
                 self.tracker.transition(agent, S.COLD)
@@ -516,28 +518,63 @@ class StateLifecycleManager:
         return HydrationResult(agent, len(rows), created, len(rows) - created, sql_load=True)
 
     async def _create_all(self, items: Sequence[tuple[str, bytes]]) -> int:
-        """Create-if-absent every item, ``hydrate_chunk`` publishes in flight; count created."""
-        kv = self._bucket()
-        in_flight = 0
+        """Create-if-absent every item, at most ``hydrate_chunk`` in flight; count created.
 
-        async def create(kv_key: str, data: bytes) -> bool:
-            nonlocal in_flight
-            in_flight += 1
-            self.counters["hydration_peak_in_flight"] = max(
-                self.counters["hydration_peak_in_flight"], in_flight)
-            try:
-                await kv.update(kv_key, data, last=0)  # only if KV has no message for the key
-                return True
-            except nats.js.errors.KeyWrongLastSequenceError:
-                return False  # a newer value (or a delete marker) is in KV: it wins
-            finally:
-                in_flight -= 1
-
-        created = 0
+        Each create is a compare-and-set publish, exactly what ``kv.update(key, data, last=0)``
+        sends (``Nats-Expected-Last-Subject-Sequence: 0``: only if KV has no message for the
+        key, so a newer value *or a delete marker* wins), but published with ``nc.publish`` and
+        acknowledged on one inbox subscription for the whole hydration instead of one request
+        (future, timer, JSON, dataclass) per key. The window slides: it is refilled once half
+        of it is acknowledged. An ack with "wrong last sequence" counts as skipped, any other
+        error is raised; no ack progress within ``nats_timeout`` raises StoreTimeoutError.
+        """
+        self._bucket()
+        if not items:
+            return 0
+        nc = self.ms.nc
+        window = self.hydrate_chunk
+        refill_at = window // 2
+        headers = {_EXPECTED_LAST_SUBJECT_SEQ: "0"}
+        prefix = self.subject_prefix
+        acks = _CreateAcks()
+        peak = self.counters["hydration_peak_in_flight"]
+        n = len(items)
+        sent = 0
         async with self._nats("hydrate KV"):
-            for chunk in _chunks(items, self.hydrate_chunk):
-                created += sum(await asyncio.gather(*(create(k, d) for k, d in chunk)))
-        return created
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox, cb=acks.on_ack)
+            try:
+                while True:
+                    if acks.error is not None:
+                        raise acks.error
+                    room = min(window - acks.in_flight, n - sent)
+                    for kv_key, data in items[sent:sent + room]:
+                        acks.in_flight += 1  # before the publish: its ack may come during it
+                        if acks.in_flight > peak:
+                            peak = self.counters["hydration_peak_in_flight"] = acks.in_flight
+                        await nc.publish(prefix + kv_key, data, reply=inbox, headers=headers)
+                    sent += max(room, 0)
+                    acks.wake_at = refill_at if sent < n else 0
+                    if acks.in_flight <= acks.wake_at:
+                        if sent >= n:
+                            break
+                        continue
+                    acks.wake.clear()
+                    try:
+                        await asyncio.wait_for(acks.wake.wait(), self.nats_timeout)
+                    except TimeoutError:
+                        raise nats.errors.TimeoutError(
+                            f"{acks.in_flight} of {n} creates not acknowledged within "
+                            f"{self.nats_timeout} s") from None
+            finally:
+                with contextlib.suppress(nats.errors.Error):  # closed connection: no sub left
+                    await sub.unsubscribe()
+        if acks.error is not None:
+            raise acks.error  # cannot happen after all acks, but never report a failure as done
+        if acks.created + acks.skipped != n:  # pragma: no cover - a broken server
+            raise StoreUnavailableError(
+                f"hydration got {acks.created + acks.skipped} acks for {n} creates")
+        return acks.created
 
     # ---------------------------------------------------------------- flushing
 
@@ -797,9 +834,70 @@ class StateLifecycleManager:
             raise StoreUnavailableError(f"NATS failed to {what}: {e!r}") from e
 
 
-def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+_EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
+#: JSStreamWrongLastSequenceErrF, JSStreamWrongLastSequenceConstantErr: KV has a message already
+_WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})
+
+
+class _CreateAcks:
+    """The JetStream acks of one hydration's creates, counted as they arrive on its inbox."""
+
+    __slots__ = ("created", "error", "in_flight", "skipped", "wake", "wake_at")
+
+    def __init__(self) -> None:
+        self.in_flight = 0  # published, not acknowledged yet
+        self.created = 0
+        self.skipped = 0
+        self.error: nats.errors.Error | None = None
+        self.wake_at = 0  # wake the publisher once in_flight drops to this
+        self.wake = asyncio.Event()
+
+    async def on_ack(self, msg: Msg) -> None:
+        data = msg.data
+        if data and b'"error"' not in data:
+            self.created += 1  # the common case, without parsing the ack
+        else:
+            self._unusual(msg)
+        self.in_flight -= 1
+        if self.in_flight <= self.wake_at or self.error is not None:
+            self.wake.set()
+
+    def _unusual(self, msg: Msg) -> None:
+        resp: Any = None
+        with contextlib.suppress(ValueError):
+            resp = json.loads(msg.data) if msg.data else None
+        if isinstance(resp, dict) and "error" not in resp:
+            self.created += 1  # '"error"' was inside a value (e.g. a domain name)
+            return
+        err: nats.errors.Error
+        if isinstance(resp, dict) and isinstance(resp["error"], dict):
+            if resp["error"].get("err_code") in _WRONG_LAST_SEQUENCE:
+                self.skipped += 1  # KV has a newer value or a delete marker: it wins
+                return
+            try:
+                nats.js.errors.APIError.from_error(resp["error"])  # raises the typed error
+            except nats.errors.Error as e:
+                err = e
+            except Exception:  # an error without the usual fields
+                err = nats.js.errors.APIError(description=str(resp["error"]))
+        elif msg.headers and msg.headers.get("Status") == "503":
+            err = nats.js.errors.NoStreamResponseError()  # no stream listens on the subject
+        else:
+            err = nats.js.errors.APIError(description=f"unexpected JetStream ack {msg.data!r}")
+        if self.error is None:
+            self.error = err
+
+
+def _kv_items(agent: uuid.UUID, rows: Iterable[asyncpg.Record]) -> list[tuple[str, bytes]]:
+    """``(join_key(agent, key), value)`` per row, the agent token encoded once, not per row."""
+    head = encode_token(str(agent)) + "."
+    items: list[tuple[str, bytes]] = []
+    for r in rows:
+        kv_key = head + encode_key(r["key"])
+        if len(kv_key) > MAX_ENCODED_KEY:
+            kv_key = join_key(str(agent), r["key"])  # raises join_key's InvalidKeyError
+        items.append((kv_key, str(r["value"]).encode()))
+    return items
 
 
 __all__ = [

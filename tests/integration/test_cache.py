@@ -263,7 +263,7 @@ async def test_stats_counts_add_up_to_calls(ms: msstore.Connection, repo: AgentR
     ids = [a.id for a in agents] + [uuid.uuid4() for _ in range(3)]  # 3 never saved
     calls = zipf_keys(ids, 300, skew=1.0, seed=11)
     async with TieredCacheRepository(ms, repo, bucket=unique("cache"), entity_type=Agent,
-                                     l1_max_entries=4) as cache:
+                                     l1_max_entries=4, latency_sample_every=1) as cache:
         for agent_id in calls:
             try:
                 await cache.find(agent_id)

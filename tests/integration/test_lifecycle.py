@@ -166,6 +166,71 @@ async def test_hydration_is_pipelined(ms: msstore.Connection, unique: Callable[[
         assert lm.counters["keys_hydrated"] == 200
 
 
+async def test_hydration_counts_are_exact_and_newer_values_and_delete_markers_win(
+        ms: msstore.Connection, unique: Callable[[str], str]) -> None:
+    agent = uuid.uuid4()
+    values = {f"k{i:03d}": {"sql": i} for i in range(100)}
+    await seed_sql(ms, agent, values)
+    newer = [f"k{i:03d}" for i in range(0, 100, 4)]       # 25 keys written in KV first
+    deleted = [f"k{i:03d}" for i in range(1, 100, 10)]    # 10 keys deleted in KV first
+    async with StateLifecycleManager(ms, bucket=unique("exact"), hydrate_chunk=8) as lm:
+        kv = await ms.js.key_value(lm.bucket)
+        for key in newer:
+            await kv.put(msstore.join_key(str(agent), key), dumps({"kv": key}))
+        for key in deleted:
+            await kv.delete(msstore.join_key(str(agent), key))
+        result = await lm.hydrate_agent(agent)
+        assert (result.rows, result.created, result.skipped) == (100, 65, 35)
+        assert (lm.counters["keys_hydrated"], lm.counters["keys_skipped"]) == (65, 35)
+        assert lm.counters["hydration_peak_in_flight"] == 8
+        got = await kv_state(lm, agent, list(values))
+        for key, value in values.items():
+            if key in newer:
+                assert got[key] is not None and got[key][0] == {"kv": key}
+            elif key in deleted:
+                assert got[key] is None                 # the delete marker wins, as before
+            else:
+                assert got[key] is not None and got[key][0] == value
+        with pytest.raises(NotFoundError):
+            await lm.read(agent, deleted[0])
+        assert lm.dirty(agent) == frozenset()
+
+
+async def test_a_value_written_while_hydrating_is_never_overwritten(
+        ms: msstore.Connection, unique: Callable[[str], str]) -> None:
+    agent = uuid.uuid4()
+    values = {f"k{i:03d}": i for i in range(300)}
+    await seed_sql(ms, agent, values)
+    raced = list(values)[::3]
+    async with StateLifecycleManager(ms, bucket=unique("race"), hydrate_chunk=16) as lm:
+        kv = await ms.js.key_value(lm.bucket)
+        result, *_ = await asyncio.gather(
+            lm.hydrate_agent(agent),
+            *(kv.put(msstore.join_key(str(agent), k), dumps("newer")) for k in raced))
+        # each raced key: either its create landed first (then the put replaced it) or the
+        # put did (then the create was skipped); the counts add up either way
+        assert result.created + result.skipped == result.rows == 300
+        assert result.created >= 300 - len(raced)
+        got = await kv_state(lm, agent, list(values))
+        assert {k: v[0] for k, v in got.items() if v is not None} == {
+            k: "newer" if k in raced else v for k, v in values.items()}
+
+
+async def test_a_failed_hydration_raises_a_typed_error_and_leaves_no_subscription(
+        ms: msstore.Connection, unique: Callable[[str], str]) -> None:
+    agent = uuid.uuid4()
+    await seed_sql(ms, agent, {f"k{i}": i for i in range(50)})
+    async with StateLifecycleManager(ms, bucket=unique("gone"), nats_timeout=2,
+                                     flush_on_close=False) as lm:
+        await ms.js.delete_stream(lm.stream)  # nothing stores the creates any more
+        subs = len(ms.nc._subs)
+        with pytest.raises(StoreUnavailableError):
+            await lm.hydrate_agent(agent)
+        assert len(ms.nc._subs) == subs
+        assert pairs(lm, agent) == [(S.COLD, S.HYDRATING), (S.HYDRATING, S.COLD)]
+        assert lm.counters["hydration_failures"] == 1
+
+
 # --------------------------------------------------------------------------- flush failure
 
 

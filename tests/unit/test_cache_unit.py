@@ -133,6 +133,7 @@ class FakeRepo:
 def make(n: int = 50, **options: Any) -> tuple[TieredCacheRepository[Thing], FakeKV, FakeRepo]:
     kv = FakeKV()
     repo = FakeRepo({f"k{i}": Thing(f"k{i}", i) for i in range(n)})
+    options.setdefault("latency_sample_every", 1)  # tests count every sample
     cache: TieredCacheRepository[Thing] = TieredCacheRepository(
         None, repo, kv=kv, entity_type=Thing, **options)
     return cache, kv, repo
