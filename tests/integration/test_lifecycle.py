@@ -22,21 +22,9 @@ from msstore.codec import dumps
 from msstore.errors import NotFoundError, StoreUnavailableError
 from msstore.hybrid import StateChange, merge_changes
 from msstore.lifecycle import IllegalTransitionError, LifecycleState, StateLifecycleManager
+from tests.fakes import FakeClock
 
 S = LifecycleState
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
@@ -232,25 +220,6 @@ async def test_a_failed_hydration_raises_a_typed_error_and_leaves_no_subscriptio
 
 
 # --------------------------------------------------------------------------- flush failure
-
-
-@pytest.fixture(scope="module")
-async def private_pg(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Path]:
-    """A private embedded PostgreSQL this module may stop and start (same port each time)."""
-    home = tmp_path_factory.mktemp("lifecycle_pg")
-    await asyncio.to_thread(services.up, home, which=("postgres",))
-    try:
-        yield home
-    finally:
-        await asyncio.to_thread(services.down, home, which=("postgres",))
-
-
-@pytest.fixture
-async def private_ms(private_pg: Path, ms: msstore.Connection
-                     ) -> AsyncIterator[msstore.Connection]:
-    endpoints = await asyncio.to_thread(services.up, private_pg, which=("postgres",))
-    async with msstore.connect(endpoints.postgres.url, ms.nats_url) as conn:
-        yield conn
 
 
 async def test_a_failed_flush_rolls_back_keeps_the_dirty_keys_and_the_retry_succeeds(

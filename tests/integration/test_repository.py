@@ -201,17 +201,6 @@ async def test_sql_guard_never_lets_an_older_version_overwrite_a_newer_row(
 # --------------------------------------------------------------------------- PostgreSQL down
 
 
-@pytest.fixture(scope="module")
-async def private_pg(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Path]:
-    """A private embedded PostgreSQL that this module may stop and start."""
-    home = tmp_path_factory.mktemp("repo_pg")
-    await asyncio.to_thread(services.up, home, which=("postgres",))
-    try:
-        yield home
-    finally:
-        await asyncio.to_thread(services.down, home, which=("postgres",))
-
-
 async def test_persistent_sql_failure_is_reported_by_drain_and_nothing_is_lost(
         private_pg: Path, ms: msstore.Connection, unique: Callable[[str], str]) -> None:
     endpoints = await asyncio.to_thread(services.up, private_pg, which=("postgres",))

@@ -28,21 +28,9 @@ from msstore.workloads import (
     zipf_ranks,
     zipf_weights,
 )
+from tests.fakes import FakeClock
 
 # --------------------------------------------------------------------------- fakes
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass

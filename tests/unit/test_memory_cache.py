@@ -9,19 +9,7 @@ import pytest
 from msstore import InvalidKeyError, NotFoundError
 from msstore.layers import InvalidValueError, MemoryCache
 from msstore.router import Hit
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.fakes import FakeClock
 
 
 @pytest.fixture
