@@ -56,7 +56,7 @@ import math
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
@@ -76,6 +76,7 @@ from .errors import (
 )
 from .keys import check_key, encode_token, join_key, split_key
 from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket
+from .kv import nats_errors as _nats_errors
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -162,19 +163,6 @@ class _Flight:
 
 class _LostRace(Exception):
     """The key was deleted in KV between our L3 read and the L2 repopulation."""
-
-
-@contextlib.contextmanager
-def _nats_errors(what: str) -> Iterator[None]:
-    """Translate nats-py transport errors; KV "missing"/"wrong last" pass through."""
-    try:
-        yield
-    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyWrongLastSequenceError):
-        raise
-    except nats.errors.TimeoutError as e:
-        raise StoreTimeoutError(f"NATS did not answer in time while {what}") from e
-    except nats.errors.Error as e:
-        raise StoreUnavailableError(f"NATS failed while {what}: {e!r}") from e
 
 
 def _positive(name: str, value: object, *, allow_none: bool = False) -> float | None:

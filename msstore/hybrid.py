@@ -73,11 +73,10 @@ from .errors import (
     InvalidAgentIdError,
     InvalidKeyError,
     NotFoundError,
-    StoreTimeoutError,
     StoreUnavailableError,
 )
 from .keys import decode_key, is_valid_nats_key, join_key
-from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket
+from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket, nats_error, nats_errors
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -655,13 +654,6 @@ def _agent_kv_key(agent_id: uuid.UUID | str, key: str) -> tuple[uuid.UUID, str]:
     return agent, join_key(str(agent), key)
 
 
-def _nats_error(what: str, e: BaseException) -> StoreTimeoutError | StoreUnavailableError:
-    """The msstore error for a NATS failure to do ``what``."""
-    if isinstance(e, nats.errors.TimeoutError | TimeoutError):
-        return StoreTimeoutError(f"NATS did not answer to {what} in time: {e!r}")
-    return StoreUnavailableError(f"NATS failed to {what}: {e!r}")
-
-
 class HybridStateManager:
     """Agent state written to NATS KV first and flushed to ``agents.state`` behind the writer.
 
@@ -793,12 +785,12 @@ class HybridStateManager:
         agent, kv_key = self._kv_key(agent_id, key)
         data = dumps(value)  # typed errors before any I/O
         self._check_backpressure()
-        try:  # inline, not `async with self._nats_errors(…)`: this is the hot path
+        try:  # inline, not `with nats_errors(…)`: this is the hot path
             revision = await kv.put(kv_key, data)
         except nats.js.errors.KeyValueError:
             raise
         except (nats.errors.Error, TimeoutError) as e:
-            raise _nats_error(f"write {key!r}", e) from e
+            raise nats_error(f"write {key!r}", e) from e
         self._flusher.note_write(StateChange(agent, key, revision, data))
         self.metrics_store.counters["writes"] += 1
         return revision
@@ -808,7 +800,7 @@ class HybridStateManager:
         self._check_open()
         agent, kv_key = self._kv_key(agent_id, key)
         self._check_backpressure()
-        async with self._nats_errors(f"remove {key!r}"):
+        with nats_errors(f"remove {key!r}"):
             ack = await self.ms.js.publish(f"{self.subject_prefix}{kv_key}", b"",
                                            headers={KV_OPERATION: "DEL"})
         self._flusher.note_write(StateChange(agent, key, ack.seq, None))
@@ -826,7 +818,7 @@ class HybridStateManager:
         self.metrics_store.add("reads")
         for _attempt in range(3):
             try:
-                async with self._nats_errors(f"read {key!r}"):
+                with nats_errors(f"read {key!r}"):
                     entry = await kv.get(kv_key)
             except nats.js.errors.KeyNotFoundError as e:
                 if e.op is not None:  # a delete marker: deleted, whatever SQL still says
@@ -867,7 +859,7 @@ class HybridStateManager:
         if cache:
             kv = self._check_open()
             try:
-                async with self._nats_errors(f"hydrate {key!r}"):
+                with nats_errors(f"hydrate {key!r}"):
                     await kv.update(kv_key, data, last=0)  # only if KV has nothing at all
             except nats.js.errors.KeyWrongLastSequenceError:
                 self.metrics_store.add("hydration_conflicts")
@@ -877,15 +869,6 @@ class HybridStateManager:
 
     async def _after_sql_read(self, agent: uuid.UUID, key: str) -> None:
         """Test seam: runs between the SQL read and the KV create of a hydration."""
-
-    @contextlib.asynccontextmanager
-    async def _nats_errors(self, what: str) -> Any:
-        try:
-            yield
-        except nats.js.errors.KeyValueError:
-            raise
-        except (nats.errors.Error, TimeoutError) as e:
-            raise _nats_error(what, e) from e
 
     # ---------------------------------------------------------------- flushing
 

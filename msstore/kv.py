@@ -7,14 +7,18 @@ becomes "a bucket whose entries expire 30 minutes after their last write".
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
+import nats.errors
+import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
-from .errors import InvalidKeyError
+from .errors import InvalidKeyError, StoreTimeoutError, StoreUnavailableError
 
 _BUCKET_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
 
@@ -52,4 +56,27 @@ async def ensure_bucket(js: JetStreamContext, name: str, *, ttl: float | None = 
     return await js.create_key_value(config=config)
 
 
-__all__ = ["DEFAULT_TTL_SECONDS", "check_bucket_name", "ensure_bucket"]
+def nats_error(what: str, e: BaseException) -> StoreTimeoutError | StoreUnavailableError:
+    """The msstore error for a NATS failure to do ``what`` (for hot paths that inline it)."""
+    if isinstance(e, nats.errors.TimeoutError | TimeoutError):
+        return StoreTimeoutError(f"NATS did not answer to {what} in time: {e!r}")
+    return StoreUnavailableError(f"NATS failed to {what}: {e!r}")
+
+
+@contextlib.contextmanager
+def nats_errors(what: str) -> Iterator[None]:
+    """Translate nats-py transport errors into msstore's, keeping the cause.
+
+    KV's own answers (key not found, wrong last sequence, no keys: ``KeyValueError``) pass
+    through untouched: they are results for the caller to interpret, not outages.
+    """
+    try:
+        yield
+    except nats.js.errors.KeyValueError:
+        raise
+    except (nats.errors.Error, TimeoutError) as e:
+        raise nats_error(what, e) from e
+
+
+__all__ = ["DEFAULT_TTL_SECONDS", "check_bucket_name", "ensure_bucket", "nats_error",
+           "nats_errors"]

@@ -47,6 +47,7 @@ from .errors import (
 from .keys import check_key as _check_key
 from .keys import decode_key, encode_key
 from .kv import DEFAULT_TTL_SECONDS, ensure_bucket
+from .kv import nats_errors as _nats_errors
 from .router import DataType, Hit, RoutingError
 
 if TYPE_CHECKING:
@@ -173,19 +174,6 @@ class MemoryCache:
 
 
 # --------------------------------------------------------------------------- NATS KV
-
-
-@contextlib.contextmanager
-def _nats_errors(what: str) -> Iterator[None]:
-    """Translate nats-py transport errors into msstore's, keeping the cause."""
-    try:
-        yield
-    except (nats.js.errors.KeyNotFoundError, nats.js.errors.NoKeysError):
-        raise  # "missing" is for the caller to interpret
-    except nats.errors.TimeoutError as e:
-        raise StoreTimeoutError(f"NATS did not answer in time while {what}") from e
-    except nats.errors.Error as e:
-        raise StoreUnavailableError(f"NATS failed while {what}: {e!r}") from e
 
 
 class KVStore:

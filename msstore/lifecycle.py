@@ -70,7 +70,7 @@ from .errors import (
 )
 from .hybrid import KV_OPERATION, MergeResult, StateChange, agent_uuid, merge_changes
 from .keys import MAX_ENCODED_KEY, encode_key, encode_token, join_key, split_key
-from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket
+from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket, nats_errors
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -320,7 +320,7 @@ class StateLifecycleManager:
         """Open the bucket (``ttl`` as max age) and start the idle sweeper."""
         if self._kv is not None or self._closed:
             raise RuntimeError("a StateLifecycleManager can be started once")
-        async with self._nats(f"open KV bucket {self.bucket!r}"):
+        with nats_errors(f"open KV bucket {self.bucket!r}"):
             self._kv = await ensure_bucket(self.ms.js, self.bucket, ttl=self.ttl)
         if sweeper:
             self._sweeper = asyncio.create_task(self._sweep_forever(),
@@ -419,7 +419,7 @@ class StateLifecycleManager:
         data = dumps(value)  # typed errors before any I/O
         kv = self._bucket()
         async with self._active(agent) as slot:
-            async with self._nats(f"write {key!r}"):
+            with nats_errors(f"write {key!r}"):
                 revision = await kv.put(kv_key, data)
             slot.dirty[key] = max(revision, slot.dirty.get(key, 0))
         self.counters["writes"] += 1
@@ -448,7 +448,7 @@ class StateLifecycleManager:
         self.counters["reads"] += 1
         async with self._active(agent):
             try:
-                async with self._nats(f"read {key!r}"):
+                with nats_errors(f"read {key!r}"):
                     entry = await kv.get(kv_key)
                 return loads(entry.value or b"null")
             except nats.js.errors.KeyNotFoundError as e:
@@ -469,7 +469,7 @@ class StateLifecycleManager:
         self.counters["read_fallbacks"] += 1
         data = str(text).encode()
         with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
-            async with self._nats(f"re-create {key!r}"):
+            with nats_errors(f"re-create {key!r}"):
                 await self._bucket().update(kv_key, data, last=0)
         return loads(data)
 
@@ -540,7 +540,7 @@ class StateLifecycleManager:
         peak = self.counters["hydration_peak_in_flight"]
         n = len(items)
         sent = 0
-        async with self._nats("hydrate KV"):
+        with nats_errors("hydrate KV"):
             inbox = nc.new_inbox()
             sub = await nc.subscribe(inbox, cb=acks.on_ack)
             try:
@@ -638,7 +638,7 @@ class StateLifecycleManager:
                 return key
             return StateChange(agent, key, int(entry.revision or 0), entry.value or b"null")
 
-        async with self._nats(f"read dirty keys of agent {agent}"):
+        with nats_errors(f"read dirty keys of agent {agent}"):
             got = await asyncio.gather(*(get(k) for k in keys))
         return ([g for g in got if isinstance(g, StateChange)],
                 [g for g in got if isinstance(g, str)])
@@ -672,7 +672,7 @@ class StateLifecycleManager:
         kv = self._bucket()
         values: dict[str, bytes] = {}
         revisions: dict[str, int] = {}
-        async with self._nats(f"snapshot agent {agent}"):
+        with nats_errors(f"snapshot agent {agent}"):
             watcher = await kv.watch(f"{encode_token(str(agent))}.>")
             try:
                 while (entry := await watcher.updates(  # type: ignore[no-untyped-call]
@@ -713,7 +713,7 @@ class StateLifecycleManager:
                     continue
                 _values, current, _rev = await self._snapshot(agent)
                 removed = sorted(set(current) - set(snapshot))
-                async with self._nats(f"restore agent {agent} into KV"):
+                with nats_errors(f"restore agent {agent} into KV"):
                     put_revs = await asyncio.gather(*(
                         self._bucket().put(join_key(str(agent), k), d) for k, d in encoded))
                     del_revs = await asyncio.gather(*(
@@ -782,7 +782,7 @@ class StateLifecycleManager:
             async with slot.gate.exclusive():
                 if slot.dirty:  # a write landed between the flush and the gate
                     await self._flush_locked(agent)
-                async with self._nats(f"purge agent {agent}"):
+                with nats_errors(f"purge agent {agent}"):
                     await self.ms.js.purge_stream(
                         self.stream, subject=f"{self.subject_prefix}{encode_token(str(agent))}.>")
                 slot.dirty.clear()
@@ -803,7 +803,7 @@ class StateLifecycleManager:
     # ---------------------------------------------------------------- helpers
 
     async def _publish_delete(self, kv_key: str) -> int:
-        async with self._nats(f"delete {kv_key!r}"):
+        with nats_errors(f"delete {kv_key!r}"):
             ack = await self.ms.js.publish(f"{self.subject_prefix}{kv_key}", b"",
                                            headers={KV_OPERATION: "DEL"})
         return int(ack.seq)
@@ -822,16 +822,6 @@ class StateLifecycleManager:
                 f"PostgreSQL failed to {what} ({e!r}); nothing was committed and dirty keys "
                 "are kept: retry once PostgreSQL is reachable") from e
 
-    @contextlib.asynccontextmanager
-    async def _nats(self, what: str) -> AsyncIterator[None]:
-        try:
-            yield
-        except nats.js.errors.KeyValueError:
-            raise
-        except (nats.errors.TimeoutError, TimeoutError) as e:
-            raise StoreTimeoutError(f"NATS did not answer to {what} in time: {e!r}") from e
-        except nats.errors.Error as e:
-            raise StoreUnavailableError(f"NATS failed to {what}: {e!r}") from e
 
 
 _EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"

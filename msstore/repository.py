@@ -58,7 +58,6 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, runtime_checkable
@@ -76,12 +75,11 @@ from .errors import (
     NotFoundError,
     NotSerializableError,
     PendingWritesError,
-    StoreTimeoutError,
     StoreUnavailableError,
 )
 from .hybrid import agent_uuid
 from .keys import join_key
-from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket
+from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket, nats_errors
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -320,7 +318,7 @@ class AgentRepository:
         """Open the bucket (max age ``ttl``, direct get) and start the SQL writer."""
         if self._state is not _State.NEW:
             raise RuntimeError(f"cannot start an AgentRepository that is {self._state.value}")
-        async with self._nats_errors(f"open KV bucket {self.bucket!r}"):
+        with nats_errors(f"open KV bucket {self.bucket!r}"):
             self._kv = await ensure_bucket(self.ms.js, self.bucket, ttl=self.ttl)
         self._writer = asyncio.create_task(self._run(), name="msstore-repository-writer")
         self._state = _State.OPEN
@@ -371,7 +369,7 @@ class AgentRepository:
         agent = _check_agent(agent)
         self._check_backpressure()
         data = dumps(agent.to_dict())
-        async with self._nats_errors(f"save agent {agent.id}"):
+        with nats_errors(f"save agent {agent.id}"):
             revision = await kv.put(self.kv_key(agent.id), data)
         saved = dataclasses.replace(agent, version=revision)
         self._enqueue(agent.id, revision, saved)
@@ -394,7 +392,7 @@ class AgentRepository:
         self._check_backpressure()
         key, data = self.kv_key(agent.id), dumps(agent.to_dict())
         try:
-            async with self._nats_errors(f"update agent {agent.id}"):
+            with nats_errors(f"update agent {agent.id}"):
                 revision = await kv.update(key, data, last=expected)
         except nats.js.errors.KeyWrongLastSequenceError as e:
             revision = await self._update_after_kv_loss(agent.id, key, data, expected, e)
@@ -416,7 +414,7 @@ class AgentRepository:
             sql_version = await self._sql_version(agent_id)
             if sql_version == expected:
                 try:
-                    async with self._nats_errors(f"update agent {agent_id}"):
+                    with nats_errors(f"update agent {agent_id}"):
                         return await kv.update(key, data, last=0)
                 except nats.js.errors.KeyWrongLastSequenceError:
                     current = await self._describe_current(agent_id, key)
@@ -432,7 +430,7 @@ class AgentRepository:
         """What KV holds for ``key`` now, in words; None when it holds no message at all."""
         kv = self._check_open()
         try:
-            async with self._nats_errors(f"read agent {agent_id}"):
+            with nats_errors(f"read agent {agent_id}"):
                 entry = await kv.get(key)
         except nats.js.errors.KeyNotFoundError as e:
             if e.op is None:
@@ -455,7 +453,7 @@ class AgentRepository:
         agent: Agent | None = None
         for _attempt in range(3):
             try:
-                async with self._nats_errors(f"read agent {agent_id}"):
+                with nats_errors(f"read agent {agent_id}"):
                     entry = await kv.get(key)
             except nats.js.errors.KeyNotFoundError as e:
                 if e.op is not None:  # deleted: authoritative, whatever SQL still holds
@@ -466,7 +464,7 @@ class AgentRepository:
                 if agent is None:
                     break
                 try:
-                    async with self._nats_errors(f"repopulate agent {agent_id}"):
+                    with nats_errors(f"repopulate agent {agent_id}"):
                         revision = await kv.update(key, dumps(agent.to_dict()), last=0)
                 except nats.js.errors.KeyWrongLastSequenceError:
                     self.counters["repopulate_races"] += 1
@@ -493,7 +491,7 @@ class AgentRepository:
         self._check_open()
         agent_id = agent_uuid(id)
         self._check_backpressure()
-        async with self._nats_errors(f"delete agent {agent_id}"):
+        with nats_errors(f"delete agent {agent_id}"):
             ack = await self.ms.js.publish(f"$KV.{self.bucket}.{self.kv_key(agent_id)}", b"",
                                            headers={KV_OPERATION: "DEL"})
         self._enqueue(agent_id, int(ack.seq), None)
@@ -649,17 +647,6 @@ class AgentRepository:
     async def _sql_version(self, agent_id: uuid.UUID) -> int | None:
         agent = await self._from_sql(agent_id)
         return None if agent is None else agent.version
-
-    @contextlib.asynccontextmanager
-    async def _nats_errors(self, what: str) -> AsyncIterator[None]:
-        try:
-            yield
-        except nats.js.errors.KeyValueError:
-            raise
-        except (nats.errors.TimeoutError, TimeoutError) as e:
-            raise StoreTimeoutError(f"NATS did not answer to {what} in time: {e!r}") from e
-        except nats.errors.Error as e:
-            raise StoreUnavailableError(f"NATS failed to {what}: {e!r}") from e
 
     # ---------------------------------------------------------------- observability
 
