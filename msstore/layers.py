@@ -292,6 +292,17 @@ def _jsonb(value: Any, max_bytes: int) -> orjson.Fragment:
     return orjson.Fragment(dumps(value, max_bytes=max_bytes))
 
 
+def _search_filter(query: Any, column: str, value: Any, what: str,
+                   max_bytes: int) -> tuple[str, str | orjson.Fragment]:
+    """``column = $1`` for a str query, ``payload @> $1`` for a mapping; else a typed error."""
+    if isinstance(query, str):
+        return f"{column} = $1", value
+    if isinstance(query, Mapping):
+        return "payload @> $1", _jsonb(query, max_bytes)
+    raise InvalidValueError(f"{what} takes a {column} (str) or a JSONB containment filter "
+                            f"(mapping), got {type(query).__name__}")
+
+
 class SQLStore:
     """Base of the relational layer: one table per data type, one statement per call."""
 
@@ -417,14 +428,7 @@ class TaskStore(SQLStore):
         """Live tasks with status ``query`` (str) or whose payload contains ``query`` (mapping),
         oldest first."""
         limit = _check_limit(limit)
-        arg: str | orjson.Fragment
-        if isinstance(query, str):
-            where, arg = "status = $1", query
-        elif isinstance(query, Mapping):
-            where, arg = "payload @> $1", _jsonb(query, self.max_value_bytes)
-        else:
-            raise InvalidValueError(f"task search takes a status (str) or a JSONB containment "
-                                    f"filter (mapping), got {type(query).__name__}")
+        where, arg = _search_filter(query, "status", query, "task search", self.max_value_bytes)
         with _pg_errors("searching tasks"):
             rows = await self._pool.fetch(
                 f"SELECT task_id, payload FROM tasks.queue WHERE {where} AND {_LIVE} "
@@ -502,14 +506,9 @@ class MessageLogStore(SQLStore):
 
     async def search(self, query: Any, *, limit: int = 10) -> list[Hit]:
         limit = _check_limit(limit)
-        arg: str | orjson.Fragment
-        if isinstance(query, str):
-            where, arg = "channel = $1", self._channel(query)
-        elif isinstance(query, Mapping):
-            where, arg = "payload @> $1", _jsonb(query, self.max_value_bytes)
-        else:
-            raise InvalidValueError(f"message search takes a channel (str) or a JSONB "
-                                    f"containment filter (mapping), got {type(query).__name__}")
+        channel = self._channel(query) if isinstance(query, str) else query
+        where, arg = _search_filter(query, "channel", channel, "message search",
+                                    self.max_value_bytes)
         with _pg_errors("searching the message log"):
             rows = await self._pool.fetch(
                 "SELECT message_id, payload FROM (SELECT message_id, payload, seq "
