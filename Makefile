@@ -23,10 +23,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
-setbench: $(STAMP)
-	$(BIN)/msstore bench --scale $(MSSTORE_SCALE)
-
-up: $(STAMP)
+setup: $(STAMP)
 
 workbook: $(STAMP)
 	$(BIN)/msstore up
