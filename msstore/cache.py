@@ -377,20 +377,24 @@ class TieredCacheRepository(Generic[T]):
     async def find(self, id: EntityId) -> T:
         """The entity: L1, else L2, else L3; raises :class:`NotFoundError` if L3 has none."""
         mem = self._mem
-        if mem.hits % self.latency_sample_every == 0:  # the next hit is timed: rare path
-            return (await self.find_entry(id)).value
-        key = id if type(id) is str else self._key(id)
-        l1 = self._l1
-        entry = l1.get(key)
-        if entry is not None and entry.expires_at > self._clock():
-            # the hit path: no await, lock, task, I/O or clock read before returning
-            l1.move_to_end(key)
-            mem.hits += 1
-            return entry.value
-        return (await self._miss(key, id, time.perf_counter(), entry)).value
+        if mem.hits % self.latency_sample_every:  # not the one hit in N that is timed
+            # the hit path: no await, lock, task or I/O; a str id is its own L1 key (any
+            # other id misses here and takes _lookup, which converts it)
+            l1 = self._l1
+            entry = l1.get(id)
+            if entry is not None and entry.expires_at > self._clock():
+                l1.move_to_end(id)
+                mem.hits += 1
+                return entry.value
+        return (await self._lookup(id))[0].value
 
     async def find_entry(self, id: EntityId) -> CacheEntry[T]:
         """Like :meth:`find`, but the :class:`CacheEntry`, ``source`` = the tier that answered."""
+        entry, hit = await self._lookup(id)
+        return dataclasses.replace(entry, source=CacheSource.MEMORY) if hit else entry
+
+    async def _lookup(self, id: EntityId) -> tuple[CacheEntry[T], bool]:
+        """(entry, served by L1?): the timed hit (one in N, kept cheap) and every miss."""
         mem = self._mem
         timed = mem.hits % self.latency_sample_every == 0
         t0 = time.perf_counter() if timed else 0.0
@@ -401,8 +405,8 @@ class TieredCacheRepository(Generic[T]):
             mem.hits += 1
             if timed:
                 mem.samples.append(time.perf_counter() - t0)
-            return dataclasses.replace(entry, source=CacheSource.MEMORY)
-        return await self._miss(key, id, t0 if timed else time.perf_counter(), entry)
+            return entry, True
+        return await self._miss(key, id, t0 if timed else time.perf_counter(), entry), False
 
     def peek(self, id: EntityId) -> T | None:
         """The live L1 value or ``None``: synchronous, no I/O, no metrics, LRU order kept."""

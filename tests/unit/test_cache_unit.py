@@ -143,6 +143,23 @@ async def test_promotion_db_then_kv_then_memory() -> None:
     assert repo.finds == 1
 
 
+async def test_untimed_hit_path_serves_str_and_uuid_ids_and_samples_one_in_n() -> None:
+    """The fast path of find() (every hit but one in N): str and UUID ids, counts exact."""
+    uid = uuid.UUID(int=7)
+    cache, _kv, repo = make(latency_sample_every=4)
+    repo.items[str(uid)] = Thing(str(uid), 7)
+    async with cache:
+        for _ in range(10):
+            assert await cache.find("k3") == Thing("k3", 3)
+            assert await cache.find(uid) == Thing(str(uid), 7)
+        stats = cache.stats()
+    assert repo.finds == 2  # one L3 load per id, then 18 L1 hits
+    assert stats.loc["memory", "hits"] == 18
+    assert stats.loc["memory", "misses"] == 2
+    # hits number 0..17 when each is checked: the ones at a multiple of 4 are timed
+    assert stats.loc["memory", "samples"] == len([h for h in range(18) if h % 4 == 0])
+
+
 async def test_lru_bound_never_exceeded_under_random_ops() -> None:
     cache, _kv, _repo = make(n=60, l1_max_entries=7)
     rnd = random.Random(42)
