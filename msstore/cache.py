@@ -380,7 +380,7 @@ class TieredCacheRepository(Generic[T]):
         if mem.hits % self.latency_sample_every:  # not the one hit in N that is timed
             # the hit path: no await, lock, task or I/O; a str id is its own L1 key (any
             # other id misses here and takes _lookup, which converts it)
-            l1 = self._l1
+            l1: OrderedDict[object, CacheEntry[T]] = self._l1  # type: ignore[assignment]
             entry = l1.get(id)
             if entry is not None and entry.expires_at > self._clock():
                 l1.move_to_end(id)
