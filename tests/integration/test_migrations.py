@@ -41,6 +41,23 @@ async def test_connect_applies_every_file_once_and_the_second_run_changes_nothin
             "messages.log"} <= await _tables(url)
 
 
+async def test_state_indexes_after_004_and_containment_still_uses_the_gin_index(
+    ms: msstore.Connection,
+) -> None:
+    """004 dropped the duplicate btree and moved the GIN index to jsonb_path_ops."""
+    rows = await ms.pool.fetch(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'agents' "
+        "AND tablename = 'state' ORDER BY indexname")
+    assert [r["indexname"] for r in rows] == [
+        "idx_state_updated", "idx_state_value_gin", "state_pkey"]
+    assert "USING gin (value jsonb_path_ops)" in rows[1]["indexdef"]
+    async with ms.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        plan = "\n".join(r[0] for r in await conn.fetch(
+            "EXPLAIN SELECT key FROM agents.state WHERE value @> $1", {"status": "failed"}))
+    assert "idx_state_value_gin" in plan
+
+
 async def test_a_changed_applied_file_is_refused_by_name(
     fresh_database: Callable[[], object], endpoints: msstore.services.Endpoints, tmp_path: Path
 ) -> None:

@@ -27,7 +27,7 @@ def test_seed_section_2_objects_are_all_defined() -> None:
     sql = "\n".join(m.sql for m in load())
     for needle in ["CREATE SCHEMA IF NOT EXISTS agents", "CREATE SCHEMA IF NOT EXISTS tasks",
                    "CREATE SCHEMA IF NOT EXISTS messages", "CREATE TABLE agents.state",
-                   "idx_state_value_gin", "USING gin (value)", "idx_state_key_btree",
+                   "idx_state_value_gin", "USING gin (value", "idx_state_key_btree",
                    "idx_state_updated", "CREATE TABLE tasks.queue",
                    "CREATE TABLE agents.checkpoints", "kv_revision",
                    "FUNCTION agents.hydrate_agent_state", "CREATE TABLE agents.registry",
