@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from .errors import NotSerializableError, ValueTooLargeError
+from .errors import InvalidValueError, NotSerializableError, ValueTooLargeError
 
 #: Default ceiling for one encoded value. NATS' default max_payload is 1 MiB; a KV message
 #: also carries headers, so msstore refuses values above this before any I/O.
@@ -28,12 +28,43 @@ def dumps(value: Any, *, max_bytes: int = MAX_VALUE_BYTES) -> bytes:
             f"value of type {type(value).__name__} is not JSON-serialisable ({e}); "
             "store dicts, lists, str, int, float, bool, None, UUID, datetime or dataclasses"
         ) from e
+    if b"\\u0000" in data and has_nul_escape(data):
+        raise InvalidValueError(
+            "value contains the character U+0000 (NUL), which PostgreSQL JSONB cannot store "
+            "(the flush would be refused); remove it, or store such text encoded (e.g. base64)"
+        )
     if len(data) > max_bytes:
         raise ValueTooLargeError(
             f"value encodes to {len(data):,} bytes, above the limit of {max_bytes:,}; "
             "split it into several keys or store a reference to it"
         )
     return data
+
+
+def has_nul_escape(data: bytes) -> bool:
+    """True if JSON text ``data`` escapes a NUL character (``\\u0000``), which JSONB refuses.
+
+    ``\\\\u0000`` (an escaped backslash, then the text ``u0000``) is not one: an escape counts
+    only where an even number of backslashes precede it.
+    """
+    i = data.find(b"\\u0000")
+    while i != -1:
+        j = i
+        while j > 0 and data[j - 1] == 0x5C:  # backslashes before this one
+            j -= 1
+        if (i - j) % 2 == 0:
+            return True
+        i = data.find(b"\\u0000", i + 1)
+    return False
+
+
+def storable(data: bytes) -> bool:
+    """True if ``data`` is JSON text PostgreSQL can store as JSONB (checks foreign KV values)."""
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return not (b"\\u0000" in data and has_nul_escape(data))
 
 
 def loads(data: bytes | bytearray | memoryview | str) -> Any:
@@ -65,4 +96,4 @@ async def init_connection(conn: Any) -> None:
     )
 
 
-__all__ = ["MAX_VALUE_BYTES", "dumps", "init_connection", "loads"]
+__all__ = ["MAX_VALUE_BYTES", "dumps", "has_nul_escape", "init_connection", "loads", "storable"]

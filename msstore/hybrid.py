@@ -67,12 +67,13 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
-from .codec import dumps, loads
+from .codec import dumps, loads, storable
 from .errors import (
     BackpressureError,
     InvalidAgentIdError,
     InvalidKeyError,
     NotFoundError,
+    StoreTimeoutError,
     StoreUnavailableError,
 )
 from .keys import decode_key, is_valid_nats_key, join_key
@@ -400,6 +401,7 @@ class StreamFlusher(Flusher):
         self._inbox = ""
         self._next_subject = ""
         self._got: list[Msg] = []
+        self._holding: list[Msg] = []  # the batch being committed
         self._want = 0
         self._pulled = asyncio.Event()
 
@@ -542,13 +544,13 @@ class StreamFlusher(Flusher):
                 if not subject.startswith(prefix):
                     raise InvalidKeyError(subject)
                 agent, key = _split_agent_key(subject[cut:], agents)
-                op = m.headers.get(KV_OPERATION) if m.headers else None
-                data = None if op in _DELETE_OPS else m.data
-                if data is not None:
-                    orjson.loads(data)  # a foreign non-JSON value would poison the batch
             except (InvalidKeyError, ValueError):
                 foreign += 1
                 continue
+            # Values are not parsed here: msstore wrote them through codec.dumps, and a foreign
+            # value PostgreSQL cannot store is found when the merge refuses it (see _commit).
+            op = m.headers.get(KV_OPERATION) if m.headers else None
+            data = None if op in _DELETE_OPS else m.data
             seq, ts_ns = _stream_seq_and_time(m)
             if now_ns - ts_ns >= ttl_ns:
                 expired += 1
@@ -563,8 +565,10 @@ class StreamFlusher(Flusher):
                 with contextlib.suppress(Exception):
                     await m.in_progress()
 
+        self._holding = msgs  # close() hands them back if the commit never finishes
         await hsm._commit(coalesce(changes), self.name, messages=len(msgs), expired=expired,
                           on_retry=keep_alive)
+        self._holding = []
         for m in msgs:
             await m.ack()
         # Acks are fire-and-forget publishes: one PING/PONG makes sure the server has them
@@ -579,6 +583,12 @@ class StreamFlusher(Flusher):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
         await super().close()
+        # Messages pulled but not committed: a NAK redelivers them now to the next flusher,
+        # instead of after ack_wait.
+        unflushed, self._holding, self._got = [*self._holding, *self._got], [], []
+        for m in unflushed:
+            with contextlib.suppress(Exception):
+                await m.nak()
         if self._psub is not None:
             with contextlib.suppress(Exception):
                 await self._hsm.ms.nc.flush()
@@ -671,7 +681,8 @@ class HybridStateManager:
                  durable: str = "msstore-flusher", ack_wait: float = 30.0,
                  base_backoff: float = 0.05, max_backoff: float = 5.0,
                  sql_timeout: float = 30.0, backlog_refresh: float = 0.5,
-                 fetch_timeout: float = 0.2, poll_interval: float = 0.1) -> None:
+                 fetch_timeout: float = 0.2, poll_interval: float = 0.1,
+                 close_timeout: float | None = 30.0) -> None:
         if flusher not in FLUSHERS:
             raise ValueError(f"flusher must be one of {FLUSHERS}, got {flusher!r}")
         for name, value in (("flush_threshold", flush_threshold), ("max_backlog", max_backlog),
@@ -701,6 +712,9 @@ class HybridStateManager:
         self.backlog_refresh = backlog_refresh
         self.fetch_timeout = fetch_timeout
         self.poll_interval = poll_interval
+        if close_timeout is not None and not close_timeout > 0:
+            raise ValueError(f"close_timeout must be > 0 seconds or None, got {close_timeout!r}")
+        self.close_timeout = close_timeout
         self.metrics_store = Metrics()
         self.last_error: BaseException | None = None
         self._state = _State.NEW
@@ -738,11 +752,31 @@ class HybridStateManager:
         await self._flusher.flush()
 
     async def close(self) -> None:
-        """Flush everything, then stop the flusher (the connection stays open: it is yours)."""
+        """Flush everything, then stop the flusher (the connection stays open: it is yours).
+
+        The final flush waits at most ``close_timeout`` seconds (``None``: as long as it takes),
+        and not at all when the task closing is being cancelled (e.g. by an ``asyncio.timeout``
+        around an ``async with`` block): the flusher stops either way. The stream flusher's
+        unflushed changes stay in the stream for the next flusher, so nothing is lost; the
+        dirty-set flusher's buffer is lost (its known flaw), and :class:`StoreTimeoutError`
+        says how many keys.
+        """
         if self._state is not _State.OPEN:
             return
+        task = asyncio.current_task()
         try:
-            await self._flusher.flush()
+            if task is not None and task.cancelling():
+                log.warning("closing while cancelled: %d changes not flushed (%s flusher)",
+                            self._flusher.backlog(), self.flusher_name)
+                return
+            async with asyncio.timeout(self.close_timeout):
+                await self._flusher.flush()
+        except TimeoutError as e:
+            where = ("stay in the stream for the next flusher" if self.flusher_name == "stream"
+                     else "are lost with this process' dirty set")
+            raise StoreTimeoutError(
+                f"close() could not flush within {self.close_timeout} s (last error: "
+                f"{self.last_error!r}); {self._flusher.backlog()} changes {where}") from e
         finally:
             await self._flusher.close()
             self._state = _State.CLOSED
@@ -889,6 +923,12 @@ class HybridStateManager:
                 break
             except asyncio.CancelledError:
                 raise
+            except asyncpg.DataError as e:
+                # Retrying would fail forever and hold every other row of the batch back: a
+                # value PostgreSQL refuses (foreign, not written by msstore) is set aside.
+                self.last_error = e
+                result = await self._merge_storable(changes, e)
+                break
             except Exception as e:
                 retries += 1
                 self.last_error = e
@@ -904,6 +944,39 @@ class HybridStateManager:
             self.metrics_store.record_flush(flusher, messages, result, now - attempt,
                                             now - started, retries, expired)
         return result
+
+    async def _merge_storable(self, changes: list[StateChange],
+                              error: asyncpg.DataError) -> MergeResult:
+        """Merge the rows of a refused batch that PostgreSQL can store; count the rest.
+
+        Values that are not JSON, or hold a NUL character, are dropped first (what
+        :func:`msstore.codec.storable` checks); if PostgreSQL still refuses, the batch is split
+        in halves until each refused row stands alone. Each part is its own statement, so this
+        path costs more statements; it is only taken for a batch PostgreSQL refused.
+        """
+        good = [c for c in changes if c.data is None or storable(c.data)]
+        bad = [c for c in changes if c.data is not None and not storable(c.data)]
+        upserted = deleted = 0
+        parts = [good] if good else []
+        while parts:
+            part = parts.pop()
+            self.metrics_store.add("sql_statements")
+            try:
+                r = await merge_changes(self.ms.pool, part, statement_timeout=self.sql_timeout)
+            except asyncpg.DataError:
+                if len(part) == 1:
+                    bad.append(part[0])
+                else:
+                    parts += [part[:len(part) // 2], part[len(part) // 2:]]
+                continue
+            upserted += r.upserted
+            deleted += r.deleted
+        if bad:
+            self.metrics_store.add("foreign_messages", len(bad))
+            log.warning("PostgreSQL refused %d value(s) in %s that msstore did not write (%s); "
+                        "skipped: %s", len(bad), self.stream, error,
+                        ", ".join(f"{c.agent_id}/{c.key}@{c.revision}" for c in bad[:10]))
+        return MergeResult(len(changes), upserted, deleted)
 
     # ---------------------------------------------------------------- observability
 

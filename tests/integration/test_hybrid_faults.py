@@ -156,3 +156,29 @@ async def test_backpressure_refuses_writes_and_loses_nothing(
             await hsm.flush()
         acked["after"] = await hsm.write_state(agent, "after", "recovered")
     assert missing(acked, await acked_versions(private_ms, agent)) == []
+
+
+async def test_close_with_postgres_down_is_bounded_and_the_stream_keeps_every_write(
+        private_pg: Path, private_ms: msstore.Connection, unique: Callable[[str], str]) -> None:
+    """close() gives up after close_timeout; a later manager on the same stream flushes all."""
+    agent, acked = uuid.uuid4(), {}
+    bucket, durable = unique("closing"), unique("durable")
+    hsm = await HybridStateManager.open(private_ms, bucket=bucket, durable=durable,
+                                        flush_threshold=10**6, flush_interval=3600.0,
+                                        max_backoff=0.3, close_timeout=1.0)
+    try:
+        for i in range(50):
+            acked[f"k{i}"] = await hsm.write_state(agent, f"k{i}", i)
+        await pg_down(private_pg)
+        with pytest.raises(msstore.StoreTimeoutError, match="stay in the stream"):
+            async with asyncio.timeout(30):  # close() must not need it
+                await hsm.close()
+    finally:
+        await pg_up(private_pg)
+    async with HybridStateManager(private_ms, bucket=bucket, durable=durable,
+                                  flush_threshold=10**6, flush_interval=3600.0) as again:
+        # well below ack_wait (30 s): the closed flusher handed its pulled batch back (NAK)
+        async with asyncio.timeout(15):
+            await again.flush()
+    assert missing(acked, await acked_versions(private_ms, agent)) == []
+    assert len(acked) == 50

@@ -139,6 +139,8 @@ async def test_bad_input_raises_typed_errors_and_loses_nothing(
                 await hsm.write_state(bad_id, "k", 1)  # type: ignore[arg-type]
         with pytest.raises(msstore.InvalidKeyError):
             await hsm.write_state(agent, "", 1)
+        with pytest.raises(msstore.InvalidValueError, match="NUL"):  # JSONB refuses it
+            await hsm.write_state(agent, "k", {"text": "a\x00b"})
         assert await hsm.read_state(agent, "k") == {"ok": True}
         await hsm.flush()
         assert await rows_of(ms, agent) == {"k": ({"ok": True}, rev)}
@@ -281,3 +283,36 @@ async def test_a_key_that_outlives_the_kv_ttl_unflushed_is_counted_and_still_flu
         await hsm.flush()
         assert hsm.counters["expired_unflushed"] == 2
         assert (await rows_of(ms, agent))["short-lived"] == ("v", rev)
+
+
+@pytest.mark.parametrize("flusher", ["stream", "dirty-set"])
+async def test_values_postgres_refuses_are_set_aside_and_the_rest_flushes(
+        ms: msstore.Connection, unique: Callable[[str], str], flusher: str) -> None:
+    """A batch PostgreSQL refuses as data is not retried forever: its storable rows land."""
+    agent = uuid.uuid4()
+    async with asyncio.timeout(60), HybridStateManager(
+            ms, bucket=unique("hy"), flusher=flusher, **QUIET) as hsm:  # type: ignore[arg-type]
+        good = await write_many(hsm, agent, [f"g{i:03d}" for i in range(200)])
+        bad = [await hsm.write_state(agent, f"bad{i}", "placeholder") for i in range(2)]
+        # a foreign writer replaces them in KV with what JSONB cannot hold: not JSON, a NUL
+        kv = hsm._check_open()
+        await kv.put(f"{agent}.bad0", b"not json")
+        await kv.put(f"{agent}.bad1", b'{"t": "a\\u0000b"}')
+        if flusher == "dirty-set":  # its buffer holds msstore's own (valid) values: poison it
+            for key, data in (("bad0", b"not json"), ("bad1", b'{"t": "a\\u0000b"}')):
+                hsm._flusher.note_write(StateChange(agent, key, 10**6, data))
+        await hsm.flush()
+        rows = await rows_of(ms, agent)
+        assert {k: v for k, v in rows.items() if k.startswith("g")} == {
+            k: ({"k": k}, r) for k, r in good.items()}
+        stored_bad = {k: v for k, v in rows.items() if k.startswith("bad")}
+        if flusher == "stream":  # the placeholders flushed, then their foreign successors refused
+            assert stored_bad == {f"bad{i}": ("placeholder", r) for i, r in enumerate(bad)} \
+                or stored_bad == {}
+        else:
+            assert stored_bad == {}
+        assert hsm.counters["foreign_messages"] == 2
+        # the flusher is not stuck: a later write flushes as usual
+        after = await hsm.write_state(agent, "later", {"n": 1})
+        await hsm.flush()
+        assert (await rows_of(ms, agent))["later"] == ({"n": 1}, after)

@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from msstore import NotSerializableError, ValueTooLargeError, dumps, loads
-from msstore.codec import MAX_VALUE_BYTES, _jsonb_decode, _jsonb_encode
+from msstore import InvalidValueError, NotSerializableError, ValueTooLargeError, dumps, loads
+from msstore.codec import MAX_VALUE_BYTES, _jsonb_decode, _jsonb_encode, storable
 
 
 def test_round_trip_of_json_values() -> None:
@@ -38,3 +38,22 @@ def test_jsonb_binary_codec_prefixes_the_version_byte() -> None:
     wire = _jsonb_encode({"k": 1})
     assert wire == b'\x01{"k":1}'
     assert _jsonb_decode(wire) == {"k": 1}
+
+
+@pytest.mark.parametrize("value", ["a\x00b", {"k\x00": 1}, [["deep", {"x": "\x00"}]]])
+def test_a_nul_character_is_refused_before_any_io(value: object) -> None:
+    with pytest.raises(InvalidValueError, match="U\\+0000"):
+        dumps(value)
+
+
+def test_the_text_backslash_u0000_is_not_a_nul() -> None:
+    text = "a literal \\u0000, and \\\\u0000 too"
+    assert loads(dumps(text)) == text
+
+
+@pytest.mark.parametrize(("data", "ok"), [
+    (b'{"a": 1}', True), (b"not json", False), (b'"\\u0000"', False),
+    (b'"\\\\u0000"', True), (b'"\\\\\\u0000"', False), (b"", False),
+])
+def test_storable_is_what_jsonb_accepts(data: bytes, ok: bool) -> None:
+    assert storable(data) is ok
