@@ -463,9 +463,11 @@ class StreamFlusher(Flusher):
     async def _drain(self) -> None:
         self._since_flush = 0
         size = self._hsm.batch_size
+        fresh = False  # is the backlog estimate up to date (no refresh needed on the way out)?
         while not self._stopping:
             msgs: list[Msg] = []
             info = await self._refresh()
+            fresh = True
             if not info.num_pending and not info.num_ack_pending:
                 break  # nothing waiting, nothing in flight: no fetch to sit through
             while len(msgs) < size:  # a fetch can stop at its deadline: top the batch up
@@ -487,11 +489,13 @@ class StreamFlusher(Flusher):
             if not msgs:
                 break
             await self._commit_msgs(msgs)
+            fresh = False
             self._signal_progress()
             if len(msgs) < size:
                 break
-        with contextlib.suppress(Exception):
-            await self._refresh()
+        if not fresh:
+            with contextlib.suppress(Exception):
+                await self._refresh()
 
     async def _on_pulled(self, msg: Msg) -> None:
         status = msg.headers.get(STATUS_HEADER) if msg.headers else None
