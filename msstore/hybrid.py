@@ -182,6 +182,19 @@ async def merge_changes(db: asyncpg.Pool | asyncpg.Connection, changes: Sequence
     return MergeResult(len(changes), int(row["upserted"]), int(row["deleted"]))
 
 
+async def wait_event(event: asyncio.Event, seconds: float) -> bool:
+    """``event.wait()`` for at most ``seconds``; True if it was set.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it can swallow a cancellation that arrives as
+    the event is set (gh-86296), and a caller's ``asyncio.timeout()`` around ``flush()`` would
+    then never fire.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    return event.is_set()
+
+
 # --------------------------------------------------------------------------- metrics
 
 COUNTERS: Final = (
@@ -278,8 +291,7 @@ class Flusher(ABC):
             self._check_alive()
             progress = self._progress
             self._wake.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(progress.wait(), self._hsm.poll_interval)
+            await wait_event(progress, self._hsm.poll_interval)
 
     async def close(self) -> None:
         self._stopping = True
@@ -300,8 +312,7 @@ class Flusher(ABC):
     async def _loop(self) -> None:
         delay = self._hsm.base_backoff
         while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._hsm.flush_interval)
+            await wait_event(self._wake, self._hsm.flush_interval)
             self._wake.clear()
             try:
                 await self._drain()
@@ -527,8 +538,7 @@ class StreamFlusher(Flusher):
                 request["no_wait"] = True
             await self._hsm.ms.nc.publish(self._next_subject, orjson.dumps(request),
                                           reply=self._inbox)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._pulled.wait(), timeout + 0.5)
+            await wait_event(self._pulled, timeout + 0.5)
         got, self._got = self._got, []
         return got
 

@@ -68,7 +68,14 @@ from .errors import (
     StoreTimeoutError,
     StoreUnavailableError,
 )
-from .hybrid import KV_OPERATION, MergeResult, StateChange, agent_uuid, merge_changes
+from .hybrid import (
+    KV_OPERATION,
+    MergeResult,
+    StateChange,
+    agent_uuid,
+    merge_changes,
+    wait_event,
+)
 from .keys import MAX_ENCODED_KEY, encode_key, encode_token, join_key, split_key
 from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket, nats_errors
 
@@ -560,9 +567,7 @@ class StateLifecycleManager:
                             break
                         continue
                     acks.wake.clear()
-                    try:
-                        await asyncio.wait_for(acks.wake.wait(), self.nats_timeout)
-                    except TimeoutError:
+                    if not await wait_event(acks.wake, self.nats_timeout):
                         raise nats.errors.TimeoutError(
                             f"{acks.in_flight} of {n} creates not acknowledged within "
                             f"{self.nats_timeout} s") from None

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
 
 import msstore
-from msstore.hybrid import HybridStateManager, StateChange, agent_uuid, coalesce, merge_changes
+from msstore.hybrid import (
+    HybridStateManager,
+    StateChange,
+    agent_uuid,
+    coalesce,
+    merge_changes,
+    wait_event,
+)
 
 
 def test_agent_ids_must_be_uuids() -> None:
@@ -51,3 +59,22 @@ async def test_methods_refuse_to_run_before_start() -> None:
     hsm = HybridStateManager(object())  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="async with"):
         await hsm.write_state(uuid.uuid4(), "k", 1)
+
+
+async def test_wait_event_reports_set_or_timed_out() -> None:
+    ev = asyncio.Event()
+    assert await wait_event(ev, 0.01) is False
+    asyncio.get_running_loop().call_later(0.01, ev.set)
+    assert await wait_event(ev, 5) is True
+
+
+async def test_wait_event_keeps_a_cancel_that_arrives_with_the_event() -> None:
+    """asyncio.wait_for on 3.11 returns normally here and the cancel is lost (gh-86296)."""
+    ev = asyncio.Event()
+    task = asyncio.create_task(wait_event(ev, 10))
+    await asyncio.sleep(0)  # the task is waiting
+    ev.set()
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
