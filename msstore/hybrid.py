@@ -36,9 +36,12 @@ Keys whose KV TTL (the bucket's max age) ran out before they were flushed are co
   flusher fetched it; the server drops it silently. Keep ``ttl`` far above the flush interval
   and let backpressure bound the backlog so this cannot happen in practice.
 
-Known limit: a delete leaves no tombstone row, so when several processes share one durable
-consumer, an older upsert committed *after* a newer delete (by another process) re-creates
-the row. A single flusher processes the stream in order and is not affected.
+Deletes leave a tombstone (``agents.state_tombstones``, migration 005) with their revision, so
+an older upsert that reaches PostgreSQL after a newer delete — a redelivery after ``ack_wait``,
+or another process' batch — does not re-create the row. Tombstones are cleared by a newer
+upsert of the key and purged after ``tombstone_retention``. Known limit: two processes whose
+merges of the same key run *concurrently* (overlapping transactions) can still race, since
+neither statement sees the other's uncommitted tombstone or row.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ STATUS_HEADER = "Status"  # nats-py puts a status line's code here (nats.js.api.
 _PULL_END_STATUSES = frozenset({"404", "408", "409"})
 _DELETE_OPS = frozenset({"DEL", "PURGE"})
 _MISSING: Final = object()
+_FIRST_RECHECK: Final = 0.005  # seconds; flush() rechecks at 5, 10, 20 … ms up to poll_interval
 
 
 # --------------------------------------------------------------------------- the SQL side
@@ -134,7 +138,9 @@ def coalesce(changes: Iterable[StateChange]) -> list[StateChange]:
     return list(latest.values())
 
 
-#: The whole batch in one statement: arrays in, guarded delete and guarded upsert out.
+#: The whole batch in one statement: arrays in, guarded delete and guarded upsert out. A delete
+#: leaves a tombstone with its revision (migration 005), so an older upsert that arrives later
+#: (a redelivery, another process' batch) cannot re-create the row; a newer upsert clears it.
 MERGE_SQL: Final = """
 WITH batch AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[])
@@ -147,9 +153,26 @@ WITH batch AS (
       AND agents.state.key = batch.key
       AND agents.state.version < batch.version
     RETURNING 1
+), tombstoned AS (
+    INSERT INTO agents.state_tombstones AS t (agent_id, key, version)
+    SELECT agent_id, key, version FROM batch WHERE value IS NULL
+    ON CONFLICT (agent_id, key) DO UPDATE
+        SET version = excluded.version, deleted_at = now()
+        WHERE t.version < excluded.version
+), revived AS (
+    DELETE FROM agents.state_tombstones AS t
+    USING batch
+    WHERE batch.value IS NOT NULL
+      AND t.agent_id = batch.agent_id
+      AND t.key = batch.key
+      AND t.version < batch.version
 ), upserted AS (
     INSERT INTO agents.state (agent_id, key, value, version, updated_at)
-    SELECT agent_id, key, value::jsonb, version, now() FROM batch WHERE value IS NOT NULL
+    SELECT agent_id, key, value::jsonb, version, now() FROM batch
+    WHERE value IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM agents.state_tombstones AS t
+                      WHERE t.agent_id = batch.agent_id AND t.key = batch.key
+                        AND t.version > batch.version)
     ON CONFLICT (agent_id, key) DO UPDATE
         SET value = excluded.value, version = excluded.version, updated_at = excluded.updated_at
         WHERE agents.state.version < excluded.version
@@ -201,7 +224,7 @@ COUNTERS: Final = (
     "writes", "removes", "reads", "kv_hits", "hydrations", "hydration_conflicts", "not_found",
     "flushes", "messages_flushed", "rows_flushed", "rows_upserted", "rows_deleted",
     "rows_skipped", "sql_statements", "retries", "expired_unflushed", "foreign_messages",
-    "backpressure_rejections",
+    "backpressure_rejections", "tombstones_purged",
 )
 SAMPLE_COLUMNS: Final = ("t", "flusher", "messages", "rows", "upserted", "deleted", "skipped",
                          "latency_s", "total_s", "retries", "expired")
@@ -287,11 +310,17 @@ class Flusher(ABC):
         ``asyncio.timeout()`` if the caller cannot wait.
         """
         target = await self._target()
+        recheck = _FIRST_RECHECK
         while not await self._done(target):
             self._check_alive()
             progress = self._progress
             self._wake.set()
-            await wait_event(progress, self._hsm.poll_interval)
+            # After progress, check again soon: the server applies acks asynchronously, so
+            # the first look at the ack floor right after a commit can be a little behind.
+            if await wait_event(progress, min(recheck, self._hsm.poll_interval)):
+                recheck = _FIRST_RECHECK
+            else:
+                recheck *= 2
 
     async def close(self) -> None:
         self._stopping = True
@@ -696,7 +725,8 @@ class HybridStateManager:
                  base_backoff: float = 0.05, max_backoff: float = 5.0,
                  sql_timeout: float = 30.0, backlog_refresh: float = 0.5,
                  fetch_timeout: float = 0.2, poll_interval: float = 0.1,
-                 close_timeout: float | None = 30.0) -> None:
+                 close_timeout: float | None = 30.0,
+                 tombstone_retention: float = 86_400.0) -> None:
         if flusher not in FLUSHERS:
             raise ValueError(f"flusher must be one of {FLUSHERS}, got {flusher!r}")
         for name, value in (("flush_threshold", flush_threshold), ("max_backlog", max_backlog),
@@ -705,7 +735,8 @@ class HybridStateManager:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name, seconds in (("flush_interval", flush_interval), ("ttl", ttl),
                               ("ack_wait", ack_wait), ("max_backoff", max_backoff),
-                              ("fetch_timeout", fetch_timeout)):
+                              ("fetch_timeout", fetch_timeout),
+                              ("tombstone_retention", tombstone_retention)):
             if not seconds > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {seconds!r}")
         self.ms = ms
@@ -729,6 +760,9 @@ class HybridStateManager:
         if close_timeout is not None and not close_timeout > 0:
             raise ValueError(f"close_timeout must be > 0 seconds or None, got {close_timeout!r}")
         self.close_timeout = close_timeout
+        #: delete tombstones are kept this long (never less than a message can live in KV)
+        self.tombstone_retention = max(tombstone_retention, ttl + ack_wait)
+        self._next_purge = time.monotonic() + self.tombstone_retention / 24
         self.metrics_store = Metrics()
         self.last_error: BaseException | None = None
         self._state = _State.NEW
@@ -957,7 +991,32 @@ class HybridStateManager:
         if changes:
             self.metrics_store.record_flush(flusher, messages, result, now - attempt,
                                             now - started, retries, expired)
+        if time.monotonic() >= self._next_purge:
+            await self.purge_tombstones()
         return result
+
+    async def purge_tombstones(self) -> int:
+        """Delete tombstones older than ``tombstone_retention``; return how many.
+
+        The flusher calls this about every ``tombstone_retention / 24`` seconds. No KV message
+        older than the bucket's max age can still be delivered, so an older tombstone guards
+        nothing. A failure is logged and retried at the next interval.
+        """
+        self._next_purge = time.monotonic() + self.tombstone_retention / 24
+        try:
+            status = await self.ms.pool.execute(
+                "DELETE FROM agents.state_tombstones "
+                "WHERE deleted_at < now() - make_interval(secs => $1)",
+                self.tombstone_retention, timeout=self.sql_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("purging delete tombstones failed (%r); next try in %.0f s", e,
+                        self.tombstone_retention / 24)
+            return 0
+        purged = int(status.split()[-1])
+        self.metrics_store.add("tombstones_purged", purged)
+        return purged
 
     async def _merge_storable(self, changes: list[StateChange],
                               error: asyncpg.DataError) -> MergeResult:

@@ -316,3 +316,47 @@ async def test_values_postgres_refuses_are_set_aside_and_the_rest_flushes(
         after = await hsm.write_state(agent, "later", {"n": 1})
         await hsm.flush()
         assert (await rows_of(ms, agent))["later"] == ({"n": 1}, after)
+
+
+async def test_an_older_upsert_after_a_newer_delete_does_not_recreate_the_row(
+        ms: msstore.Connection) -> None:
+    """A redelivered (or another process') stale upsert after a committed delete: no row."""
+    agent = uuid.uuid4()
+    await merge_changes(ms.pool, [StateChange(agent, "k", 3, b'"v3"'),
+                                  StateChange(agent, "never-flushed", 1, None)])
+    await merge_changes(ms.pool, [StateChange(agent, "k", 7, None)])  # delete at revision 7
+    stale = await merge_changes(ms.pool, [StateChange(agent, "k", 5, b'"v5"'),
+                                          StateChange(agent, "never-flushed", 0, b'"x"')])
+    assert stale.upserted == 0
+    assert await rows_of(ms, agent) == {}
+    # a newer write brings the key back and clears its tombstone
+    newer = await merge_changes(ms.pool, [StateChange(agent, "k", 9, b'"v9"')])
+    assert newer.upserted == 1
+    assert await rows_of(ms, agent) == {"k": ("v9", 9)}
+    tombstones = await ms.pool.fetch(
+        "SELECT key, version FROM agents.state_tombstones WHERE agent_id = $1 ORDER BY key",
+        agent)
+    assert [(r["key"], r["version"]) for r in tombstones] == [("never-flushed", 1)]
+
+
+async def test_old_tombstones_are_purged_and_recent_ones_kept(
+        ms: msstore.Connection, unique: Callable[[str], str]) -> None:
+    agent = uuid.uuid4()
+    async with HybridStateManager(ms, bucket=unique("hy"), flusher="dirty-set", ttl=1.0,
+                                  ack_wait=1.0, tombstone_retention=60.0, **QUIET) as hsm:
+        assert hsm.tombstone_retention == 60.0
+        for key in ("old", "recent"):
+            await hsm.write_state(agent, key, 1)
+            await hsm.remove_state(agent, key)
+        await hsm.flush()
+        await ms.pool.execute(
+            "UPDATE agents.state_tombstones SET deleted_at = now() - interval '61 seconds' "
+            "WHERE agent_id = $1 AND key = 'old'", agent)
+        assert await hsm.purge_tombstones() >= 1
+        left = await ms.pool.fetch(
+            "SELECT key FROM agents.state_tombstones WHERE agent_id = $1", agent)
+        assert [r["key"] for r in left] == ["recent"]
+        assert hsm.counters["tombstones_purged"] >= 1
+    # retention never drops below what a message can live in KV
+    assert HybridStateManager(ms, ttl=600.0, ack_wait=30.0,
+                              tombstone_retention=1.0).tombstone_retention == 630.0
