@@ -652,12 +652,16 @@ class TieredCacheRepository(Generic[T]):
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((revision, fut))
         try:
-            await asyncio.wait_for(fut, within)
+            async with asyncio.timeout(within):  # not wait_for: it can lose a cancel on 3.11
+                await fut
         except TimeoutError as e:
             raise StoreTimeoutError(
                 f"the watch on bucket {self.bucket!r} did not see revision {revision} within "
                 f"{within} s (last seen {self._seen_revision}); is the revision from a key "
                 f"under prefix {self.key_prefix!r} of this bucket?") from e
+        finally:
+            if fut.cancelled():  # timed out or cancelled: do not keep the waiter around
+                self._waiters = [(r, f) for r, f in self._waiters if f is not fut]
 
     # ---------------------------------------------------------------- expiry
 

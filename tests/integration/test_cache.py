@@ -277,3 +277,11 @@ async def test_stats_counts_add_up_to_calls(ms: msstore.Connection, repo: AgentR
     assert df.loc["db", "lookups"] == df.loc["kv", "misses"]
     assert df.attrs["l1_high_water"] <= 4
     assert set(cache.samples()["source"]) == {"memory", "kv", "db"}
+
+
+async def test_waiting_for_a_revision_never_seen_times_out_and_leaves_no_waiter(
+        ms: msstore.Connection, repo: AgentRepository, unique: Callable[[str], str]) -> None:
+    async with TieredCacheRepository(ms, repo, bucket=unique("cache"), entity_type=Agent) as c:
+        with pytest.raises(msstore.StoreTimeoutError, match="did not see revision 1000000"):
+            await c.wait_for_revision(1_000_000, within=0.05)
+        assert c._waiters == []
