@@ -39,9 +39,9 @@ Keys whose KV TTL (the bucket's max age) ran out before they were flushed are co
 Deletes leave a tombstone (``agents.state_tombstones``, migration 005) with their revision, so
 an older upsert that reaches PostgreSQL after a newer delete — a redelivery after ``ack_wait``,
 or another process' batch — does not re-create the row. Tombstones are cleared by a newer
-upsert of the key and purged after ``tombstone_retention``. Known limit: two processes whose
-merges of the same key run *concurrently* (overlapping transactions) can still race, since
-neither statement sees the other's uncommitted tombstone or row.
+upsert of the key and purged after ``tombstone_retention``. Processes sharing one stream
+consumer take a per-stream advisory lock around each merge (:func:`merge_serialised`), so two
+merges of the same key never overlap: each sees what the other committed.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ import asyncio
 import contextlib
 import enum
 import functools
+import hashlib
 import logging
 import random
 import sys
@@ -60,7 +61,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 import asyncpg
 import nats.errors
@@ -216,6 +217,31 @@ async def wait_event(event: asyncio.Event, seconds: float) -> bool:
         async with asyncio.timeout(seconds):
             await event.wait()
     return event.is_set()
+
+
+def merge_lock_id(name: str) -> int:
+    """The advisory-lock id that serialises the merges of one stream across processes."""
+    digest = hashlib.blake2b(f"msstore-merge:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+async def merge_serialised(pool: asyncpg.Pool, changes: Sequence[StateChange], lock_id: int,
+                           *, statement_timeout: float | None = None) -> MergeResult:
+    """:func:`merge_changes` in a transaction that first takes the advisory lock ``lock_id``.
+
+    Under READ COMMITTED each statement sees the data committed when it *started*: two
+    processes merging the same key at once could each miss the other's uncommitted delete
+    (and its tombstone), and an older upsert would re-create the row. With the lock, a merge
+    starts only after the previous one committed. Costs two more round trips per batch
+    (BEGIN and the lock; COMMIT replaces the implicit one).
+    """
+    if not changes:
+        return MergeResult(0, 0, 0)
+    async with pool.acquire(timeout=statement_timeout) as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_id,
+                           timeout=statement_timeout)
+        return await merge_changes(cast(asyncpg.Connection, conn), changes,
+                                   statement_timeout=statement_timeout)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -743,6 +769,7 @@ class HybridStateManager:
         self.bucket = check_bucket_name(bucket)
         self.stream = f"KV_{bucket}"
         self.subject_prefix = f"$KV.{bucket}."
+        self._merge_lock = merge_lock_id(self.stream)
         self.flusher_name: FlusherName = flusher
         self.flush_threshold = flush_threshold
         self.flush_interval = flush_interval
@@ -966,8 +993,7 @@ class HybridStateManager:
             if changes:
                 self.metrics_store.add("sql_statements")
             try:
-                result = await merge_changes(self.ms.pool, changes,
-                                             statement_timeout=self.sql_timeout)
+                result = await self._merge(changes)
                 break
             except asyncio.CancelledError:
                 raise
@@ -1018,6 +1044,14 @@ class HybridStateManager:
         self.metrics_store.add("tombstones_purged", purged)
         return purged
 
+    async def _merge(self, changes: Sequence[StateChange]) -> MergeResult:
+        """One batch: serialised across processes for the stream flusher (its consumer may be
+        shared), a plain statement for the dirty-set flusher (its batches are this process')."""
+        if self.flusher_name == "stream":
+            return await merge_serialised(self.ms.pool, changes, self._merge_lock,
+                                          statement_timeout=self.sql_timeout)
+        return await merge_changes(self.ms.pool, changes, statement_timeout=self.sql_timeout)
+
     async def _merge_storable(self, changes: list[StateChange],
                               error: asyncpg.DataError) -> MergeResult:
         """Merge the rows of a refused batch that PostgreSQL can store; count the rest.
@@ -1035,7 +1069,7 @@ class HybridStateManager:
             part = parts.pop()
             self.metrics_store.add("sql_statements")
             try:
-                r = await merge_changes(self.ms.pool, part, statement_timeout=self.sql_timeout)
+                r = await self._merge(part)
             except asyncpg.DataError:
                 if len(part) == 1:
                     bad.append(part[0])
@@ -1129,4 +1163,6 @@ __all__ = [
     "agent_uuid",
     "coalesce",
     "merge_changes",
+    "merge_lock_id",
+    "merge_serialised",
 ]

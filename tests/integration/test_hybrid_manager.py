@@ -13,7 +13,14 @@ import pytest
 
 import msstore
 from msstore.codec import init_connection
-from msstore.hybrid import HybridStateManager, StateChange, coalesce, merge_changes
+from msstore.hybrid import (
+    HybridStateManager,
+    StateChange,
+    coalesce,
+    merge_changes,
+    merge_lock_id,
+    merge_serialised,
+)
 
 QUIET = {"flush_threshold": 1_000_000, "flush_interval": 3600.0}  # flush only when asked
 
@@ -360,3 +367,23 @@ async def test_old_tombstones_are_purged_and_recent_ones_kept(
     # retention never drops below what a message can live in KV
     assert HybridStateManager(ms, ttl=600.0, ack_wait=30.0,
                               tombstone_retention=1.0).tombstone_retention == 630.0
+
+
+@pytest.mark.parametrize("serialised", [False, True])
+async def test_a_stale_upsert_racing_an_uncommitted_delete(ms: msstore.Connection,
+                                                          serialised: bool) -> None:
+    """Two processes merge one key at once: a delete (revision 7) not yet committed, and an
+    older upsert (revision 5). Unserialised, the upsert's snapshot misses the delete and the
+    row comes back; with the stream's advisory lock it waits, then sees the tombstone."""
+    agent, lock = uuid.uuid4(), merge_lock_id(f"KV_race_{uuid.uuid4().hex}")
+    stale = [StateChange(agent, "k", 5, b'"stale"')]
+    async with ms.pool.acquire() as other, other.transaction():
+        await other.execute("SELECT pg_advisory_xact_lock($1)", lock)
+        await merge_changes(other, [StateChange(agent, "k", 7, None)])
+        upsert = asyncio.create_task(merge_serialised(ms.pool, stale, lock) if serialised
+                                     else merge_changes(ms.pool, stale))
+        await asyncio.sleep(0.3)
+        assert upsert.done() is not serialised  # the serialised one waits for the lock
+    result = await asyncio.wait_for(upsert, 10)
+    assert result.upserted == (0 if serialised else 1)
+    assert await rows_of(ms, agent) == ({} if serialised else {"k": ("stale", 5)})
