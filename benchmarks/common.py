@@ -32,7 +32,7 @@ SCALES: dict[str, dict[str, int]] = {
         "read_ops": 1_500, "read_keys": 500, "read_reps": 3,
     },
     "full": {
-        "flush_keys": 10_000, "flush_reps": 5,
+        "flush_keys": 10_000, "flush_reps": 9,
         "write_ops": 3_000, "write_conc_ops": 10_000, "write_concurrency": 64, "write_reps": 5,
         "l1_ops": 100_000, "l1_reps": 7,
         "hydrate_keys": 1_000, "hydrate_reps": 7,

@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from types import MappingProxyType, TracebackType
+from typing import Any, Final
 
 import asyncpg
 from nats.aio.client import Client as NATS
@@ -81,14 +81,23 @@ class Connection:
         await self.close()
 
 
+#: Session settings of every pooled connection, unless ``connect(server_settings=…)`` says
+#: otherwise. JIT off: msstore's statements are short reads or bulk DML, which PostgreSQL's JIT
+#: compiles for tens of milliseconds it never wins back (a 10,000-row flush: ~125 → ~90 ms,
+#: `msstore bench --only 1`); asyncpg's maintainers give the same advice for its type
+#: introspection queries (MagicStack/asyncpg#875).
+DEFAULT_SERVER_SETTINGS: Final[Mapping[str, str]] = MappingProxyType({"jit": "off"})
+
+
 async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool,
                 min_size: int, max_size: int, home: Path | None,
-                connect_timeout: float) -> Connection:
+                connect_timeout: float, server_settings: Mapping[str, str] | None
+                ) -> Connection:
     endpoints = await asyncio.to_thread(services.resolve, home, database_url, nats_url)
     try:
-        pool = await asyncpg.create_pool(endpoints.database_url, min_size=min_size,
-                                         max_size=max_size, init=init_connection,
-                                         timeout=10)
+        pool = await asyncpg.create_pool(
+            endpoints.database_url, min_size=min_size, max_size=max_size, init=init_connection,
+            timeout=10, server_settings={**DEFAULT_SERVER_SETTINGS, **(server_settings or {})})
     except (OSError, asyncpg.PostgresError, TimeoutError) as e:
         raise StoreUnavailableError(
             f"cannot connect to PostgreSQL at {endpoints.database_url}: {e}; "
@@ -158,16 +167,19 @@ class _Connect:
 
 def connect(database_url: str | None = None, nats_url: str | None = None, *,
             migrate: bool = True, min_size: int = 1, max_size: int = 10,
-            home: Path | None = None, connect_timeout: float = 10.0) -> _Connect:
+            home: Path | None = None, connect_timeout: float = 10.0,
+            server_settings: Mapping[str, str] | None = None) -> _Connect:
     """Connect to PostgreSQL and NATS, starting embedded servers for whatever is not given.
 
     URLs passed here win over ``MSSTORE_DATABASE_URL`` / ``MSSTORE_NATS_URL``, which win over
     the embedded servers. ``migrate=True`` applies pending schema migrations first;
     ``connect_timeout`` bounds each server's first connection (later reconnects are unbounded).
+    ``server_settings`` (PostgreSQL session settings) are applied over
+    :data:`DEFAULT_SERVER_SETTINGS` (``jit=off``); pass ``{"jit": "on"}`` to keep JIT.
     """
     return _Connect(database_url=database_url, nats_url=nats_url, migrate=migrate,
                     min_size=min_size, max_size=max_size, home=home,
-                    connect_timeout=connect_timeout)
+                    connect_timeout=connect_timeout, server_settings=server_settings)
 
 
 __all__ = ["Connection", "connect"]

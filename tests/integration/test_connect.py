@@ -36,6 +36,14 @@ async def test_await_form_works_too(database_url: str, endpoints: services.Endpo
     assert ms.nc.is_closed
 
 
+async def test_jit_is_off_unless_asked_for(ms: msstore.Connection, database_url: str,
+                                          endpoints: services.Endpoints) -> None:
+    assert await ms.pool.fetchval("SHOW jit") == "off"
+    async with msstore.connect(database_url, endpoints.nats_url, migrate=False,
+                               server_settings={"jit": "on"}) as mine:
+        assert await mine.pool.fetchval("SHOW jit") == "on"
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
