@@ -28,7 +28,7 @@ def dumps(value: Any, *, max_bytes: int = MAX_VALUE_BYTES) -> bytes:
             f"value of type {type(value).__name__} is not JSON-serialisable ({e}); "
             "store dicts, lists, str, int, float, bool, None, UUID, datetime or dataclasses"
         ) from e
-    if b"\\u0000" in data and has_nul_escape(data):
+    if _has_nul_escape(data):
         raise InvalidValueError(
             "value contains the character U+0000 (NUL), which PostgreSQL JSONB cannot store "
             "(the flush would be refused); remove it, or store such text encoded (e.g. base64)"
@@ -41,7 +41,7 @@ def dumps(value: Any, *, max_bytes: int = MAX_VALUE_BYTES) -> bytes:
     return data
 
 
-def has_nul_escape(data: bytes) -> bool:
+def _has_nul_escape(data: bytes) -> bool:
     """True if JSON text ``data`` escapes a NUL character (``\\u0000``), which JSONB refuses.
 
     ``\\\\u0000`` (an escaped backslash, then the text ``u0000``) is not one: an escape counts
@@ -64,7 +64,7 @@ def storable(data: bytes) -> bool:
         orjson.loads(data)
     except orjson.JSONDecodeError:
         return False
-    return not (b"\\u0000" in data and has_nul_escape(data))
+    return not _has_nul_escape(data)
 
 
 def loads(data: bytes | bytearray | memoryview | str) -> Any:
@@ -96,4 +96,4 @@ async def init_connection(conn: Any) -> None:
     )
 
 
-__all__ = ["MAX_VALUE_BYTES", "dumps", "has_nul_escape", "init_connection", "loads", "storable"]
+__all__ = ["MAX_VALUE_BYTES", "dumps", "init_connection", "loads", "storable"]

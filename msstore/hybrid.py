@@ -146,17 +146,6 @@ def coalesce(changes: Iterable[StateChange]) -> list[StateChange]:
     return [change for latest in by_agent.values() for change in latest.values()]
 
 
-def _distinct_keys(changes: Sequence[StateChange]) -> int:
-    """How many distinct (agent, key) pairs ``changes`` holds (no tuples: see coalesce)."""
-    by_agent: dict[uuid.UUID, set[str]] = {}
-    for change in changes:
-        keys = by_agent.get(change.agent_id)
-        if keys is None:
-            keys = by_agent[change.agent_id] = set()
-        keys.add(change.key)
-    return sum(map(len, by_agent.values()))
-
-
 #: The whole batch in one statement: arrays in, guarded delete and guarded upsert out. A delete
 #: leaves a tombstone with its revision (migration 005), so an older upsert that arrives later
 #: (a redelivery, another process' batch) cannot re-create the row; a newer upsert clears it.
@@ -210,7 +199,7 @@ async def merge_changes(db: asyncpg.Pool | asyncpg.Connection, changes: Sequence
     """
     if not changes:
         return MergeResult(0, 0, 0)
-    if _distinct_keys(changes) != len(changes):
+    if len(coalesce(changes)) != len(changes):
         raise ValueError("a merge batch must hold each (agent_id, key) once; coalesce() it first")
     row = await db.fetchrow(
         MERGE_SQL,
@@ -1079,8 +1068,10 @@ class HybridStateManager:
         in halves until each refused row stands alone. Each part is its own statement, so this
         path costs more statements; it is only taken for a batch PostgreSQL refused.
         """
-        good = [c for c in changes if c.data is None or storable(c.data)]
-        bad = [c for c in changes if c.data is not None and not storable(c.data)]
+        good: list[StateChange] = []
+        bad: list[StateChange] = []
+        for c in changes:
+            (good if c.data is None or storable(c.data) else bad).append(c)
         upserted = deleted = 0
         parts = [good] if good else []
         while parts:
