@@ -44,7 +44,23 @@ class StoreUnavailableError(MsstoreError, ConnectionError):
 
 
 class StoreTimeoutError(StoreUnavailableError, TimeoutError):
-    """A server did not answer in time."""
+    """A server did not answer in time: a write that timed out may still have been applied."""
+
+
+class NotOpenError(MsstoreError, RuntimeError):
+    """A manager or store was used before it was opened, or after it was closed."""
+
+
+class InvalidOptionError(MsstoreError, ValueError):
+    """A constructor or method option is out of range or of the wrong type."""
+
+
+class ChangesLostError(MsstoreError):
+    """Acknowledged changes can no longer reach PostgreSQL; ``lost`` says how many."""
+
+    def __init__(self, message: str, lost: int) -> None:
+        super().__init__(message)
+        self.lost = lost
 
 
 class NotFoundError(MsstoreError, LookupError):
@@ -97,15 +113,18 @@ class ServiceError(MsstoreError):
 
 __all__ = [
     "BackpressureError",
+    "ChangesLostError",
     "ConflictError",
     "IllegalTransitionError",
     "InvalidAgentIdError",
     "InvalidKeyError",
+    "InvalidOptionError",
     "InvalidValueError",
     "MigrationChecksumError",
     "MigrationError",
     "MsstoreError",
     "NotFoundError",
+    "NotOpenError",
     "NotSerializableError",
     "PendingWritesError",
     "RoutingError",
