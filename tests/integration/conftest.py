@@ -110,3 +110,43 @@ async def private_ms(private_pg: Path, ms: msstore.Connection
     endpoints = await asyncio.to_thread(services.up, private_pg, which=("postgres",))
     async with msstore.connect(endpoints.postgres.url, ms.nats_url) as conn:
         yield conn
+
+
+def kill9(home: Path, name: str) -> int:
+    """kill -9 the private server ``name`` ("nats" or "postgres") of ``home``; return its PID.
+
+    The PID comes from the state file msstore wrote when it started the server (for
+    PostgreSQL, the postmaster's own pid file), so only a server this test started is killed.
+    """
+    import json
+    import signal
+
+    if name == "postgres":
+        pid = int((home / "pgdata" / "postmaster.pid").read_text().split()[0])
+    else:
+        pid = int(json.loads((home / "services.json").read_text())["nats"]["pid"])
+    os.kill(pid, signal.SIGKILL)
+    services._wait_gone(pid, name, timeout=10)
+    return pid
+
+
+@pytest.fixture(scope="module")
+async def private_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Path]:
+    """A private embedded nats-server (its state folder) that a module may kill and restart.
+
+    ``kill9(home, "nats")`` kills it; ``services.up(home, which=("nats",))`` brings it back on
+    the same port with the same JetStream store. Stopped when the module ends.
+    """
+    home = tmp_path_factory.mktemp("private_nats")
+    await asyncio.to_thread(services.up, home, which=("nats",))
+    try:
+        yield home
+    finally:
+        await asyncio.to_thread(services.down, home, which=("nats",))
+
+
+def private_nats_url(home: Path) -> str:
+    """The URL of the private nats-server in ``home`` (stable across restarts)."""
+    import json
+
+    return str(json.loads((home / "services.json").read_text())["nats"]["url"])
