@@ -5,10 +5,11 @@ Each check returns the value it was given, so constructors read ``self.x = posit
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Collection
 from typing import Any, TypeVar
 
-from .errors import InvalidOptionError, NotOpenError
+from .errors import InvalidAgentIdError, InvalidOptionError, NotOpenError
 
 T = TypeVar("T")
 
@@ -52,5 +53,21 @@ def not_open(what: str, state: str, how: str) -> NotOpenError:
     return NotOpenError(f"{what} is {state}: {how}")
 
 
-__all__ = ["non_negative_int", "not_open", "one_of", "optional_seconds", "positive_int",
-           "positive_seconds"]
+
+
+def agent_uuid(agent_id: object) -> uuid.UUID:
+    """``agent_id`` as a UUID; anything else raises :class:`InvalidAgentIdError`."""
+    if isinstance(agent_id, uuid.UUID):
+        return agent_id
+    if isinstance(agent_id, str):
+        try:
+            return uuid.UUID(agent_id)
+        except ValueError as e:
+            raise InvalidAgentIdError(
+                f"agent id {agent_id!r} is not a UUID; use uuid.uuid4() or its str()") from e
+    raise InvalidAgentIdError(
+        f"agent ids must be UUIDs (uuid.UUID or str), got {type(agent_id).__name__}")
+
+
+__all__ = ["agent_uuid", "non_negative_int", "not_open", "one_of", "optional_seconds",
+           "positive_int", "positive_seconds"]

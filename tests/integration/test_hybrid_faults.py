@@ -30,6 +30,9 @@ async def acked_versions(ms: msstore.Connection, agent: uuid.UUID) -> dict[str, 
     return {r["key"]: r["version"] for r in rows}
 
 
+CRASH_WRITER = Path(__file__).resolve().parents[1] / "crash_writer.py"
+
+
 def missing(acked: dict[str, int], stored: dict[str, int]) -> list[str]:
     """Acknowledged keys whose row is absent or older than the acknowledged revision."""
     return sorted(k for k, rev in acked.items() if stored.get(k, 0) < rev)
@@ -39,7 +42,7 @@ async def run_and_kill(ms: msstore.Connection, bucket: str, agent: uuid.UUID, fl
                        rng: random.Random) -> dict[str, int]:
     """Start a writer, SIGKILL it at a random point; return key -> last acknowledged revision."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "msstore.hybrid", "crash-writer",
+        sys.executable, str(CRASH_WRITER),
         "--database-url", ms.database_url, "--nats-url", ms.nats_url, "--bucket", bucket,
         "--agent", str(agent), "--flusher", flusher, "--keys", "150", "--threshold", "20",
         "--interval", "0.1", "--ack-wait", "1",
@@ -170,7 +173,7 @@ async def test_close_with_postgres_down_is_bounded_and_the_stream_keeps_every_wr
         for i in range(50):
             acked[f"k{i}"] = await hsm.write_state(agent, f"k{i}", i)
         await pg_down(private_pg)
-        with pytest.raises(msstore.StoreTimeoutError, match="stay in the stream"):
+        with pytest.raises(msstore.StoreTimeoutError, match="stay in the durability log"):
             async with asyncio.timeout(30):  # close() must not need it
                 await hsm.close()
     finally:
