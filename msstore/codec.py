@@ -24,15 +24,17 @@ you store                              you get back
                                        zero). Equal in Python (``-0.0 == 0.0``); only
                                        ``math.copysign`` tells them apart (see below)
 ``tuple``                              ``list``
-``datetime``/``date``/``time``         ISO 8601 ``str`` (``2026-11-26T12:00:00+00:00``;
-                                       naive datetimes stay without an offset)
+``datetime``/``date``/``time``         ISO 8601 ``str``: their ``isoformat()``
+                                       (``2026-11-26T12:00:00+00:00``; naive ones stay
+                                       without an offset), as values and as dict keys
 ``uuid.UUID``                          ``str`` (``6f1c2d9e-…``, lower case)
 dataclass instance                     ``dict`` of its fields, in definition order; names
                                        that start with ``_`` are left out (orjson's rule)
 ``enum.Enum`` member                   its ``.value``, converted by these same rules
-dict key ``int``/``float``/``bool``/   ``str``: ``1`` → ``"1"``, ``1.5`` → ``"1.5"``,
-``None``/``UUID``/``Enum``/            ``True`` → ``"true"``, ``None`` → ``"null"``, UUID
-``datetime``/``date``/``time``         and datetimes as above, an enum as its value
+dict key ``int``/``float``/``bool``/   ``str``: ``1`` → ``"1"``, a float as ``repr(k)``
+``None``/``UUID``/``Enum``/            (``1.5`` → ``"1.5"``, ``1e-05`` → ``"1e-05"``),
+``datetime``/``date``/``time``         ``True`` → ``"true"``, ``None`` → ``"null"``, UUID
+                                       and datetimes as above, an enum as its value
 ``orjson.Fragment``                    inserted as it is (msstore passes its own bytes)
 =====================================  ===================================================
 
@@ -57,8 +59,10 @@ What is refused, before any I/O (every error is an :class:`~msstore.errors.Mssto
   (JSON has no NaN/Infinity, JSONB refuses them; orjson would write ``null``), as values or
   dict keys; dict keys that collide once converted to str (``{1: "a", "1": "b"}``), at any
   depth; the character U+0000 anywhere (JSONB cannot store it); strings or keys with lone
-  surrogates (``"\\ud800"``: not Unicode text); nesting deeper than 254 containers, or a
-  value that contains itself.
+  surrogates (``"\\ud800"``: not Unicode text); nesting deeper than 254 levels of dicts,
+  lists and dataclasses (orjson's limit; tuples do not count), or a value that contains
+  itself. Do not nest *tuples* thousands deep: orjson 3.13 does not count them and crashes
+  the process (heap corruption, then a segfault) somewhere above ~5,000 levels.
 * :class:`~msstore.errors.NotSerializableError` (also a ``TypeError``): integers outside
   64 bits (store them as ``str``); ``bytes``/``bytearray``/``memoryview`` (decode or
   base64 them); ``set``/``frozenset`` (store a sorted list); ``Decimal`` (store ``str(d)``);
@@ -100,7 +104,16 @@ MAX_DEPTH = 254
 _BIG = 1e16
 
 _has_null = re.compile(b"null").search
-_OPTS = orjson.OPT_NON_STR_KEYS  # the slow path's option (non-str dict keys become str)
+# datetime/date/time go through _default (isoformat): orjson 3.13 writes a time's
+# microseconds 10000..99999 without their leading zero (00:00:00.010000 -> "00:00:00.10000").
+_FAST = orjson.OPT_PASSTHROUGH_DATETIME
+_SLOW = _FAST | orjson.OPT_NON_STR_KEYS  # non-str dict keys become str
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, _dt.date | _dt.time):  # a datetime is a date
+        return obj.isoformat()
+    raise TypeError
 
 _KEY_TYPES = (str, int, float, bool, type(None), uuid.UUID, enum.Enum, _dt.datetime, _dt.date,
               _dt.time)
@@ -112,15 +125,18 @@ def dumps(value: Any, *, max_bytes: int = MAX_VALUE_BYTES) -> bytes:
     See the module docstring for exactly which conversions happen and what is refused.
     """
     try:
-        data = orjson.dumps(value)
-        option = 0
+        data = orjson.dumps(value, default=_default, option=_FAST)
+        option = _FAST
     except TypeError:  # orjson.JSONEncodeError: non-str keys, or a value it cannot encode
-        data, option = _dumps_slow(value), _OPTS
+        data, option = _dumps_slow(value), _SLOW
     # Cheap tests on the output decide whether the slower checks can matter: NaN and ±inf come
     # out as null, floats >= 1e16 in exponent form (1e+16), NUL as \\u0000. (A compiled
     # search and bytes.find are cheaper than `in`; one-byte needles use memchr.)
     if _has_null(data) or data.find(b"+") != -1:
-        data = _fix_floats(value, data, option)
+        try:
+            data = _fix_floats(value, data, option)
+        except RecursionError:
+            raise _too_deep() from None
     if data.find(b"\\") != -1 and _has_nul_escape(data):
         raise InvalidValueError(
             "value contains the character U+0000 (NUL), which PostgreSQL JSONB cannot store "
@@ -140,12 +156,50 @@ def dumps(value: Any, *, max_bytes: int = MAX_VALUE_BYTES) -> bytes:
 def _dumps_slow(value: Any) -> bytes:
     """Encode with non-str keys converted to str, refusing keys that then collide."""
     try:
-        data = orjson.dumps(value, option=_OPTS)
+        data = orjson.dumps(value, default=_default, option=_SLOW)
     except TypeError as e:
         raise _diagnose(value, e) from e
-    json.loads(data, object_pairs_hook=_refuse_duplicates, parse_float=_ignore,
-               parse_int=_ignore)
+    try:
+        if _has_special_key(value):  # float and time keys: see _key
+            data = orjson.dumps(_rebuild(value), default=_default, option=_SLOW)
+        json.loads(data, object_pairs_hook=_refuse_duplicates, parse_float=_ignore,
+                   parse_int=_ignore)
+    except RecursionError:
+        raise _too_deep() from None
+    except _NonFinite:
+        raise _non_finite(value) from None
     return data
+
+
+def _too_deep() -> InvalidValueError:
+    return InvalidValueError(
+        f"value nests containers too deeply (tuples do not count towards orjson's limit of "
+        f"{MAX_DEPTH} levels, but Python's recursion limit was reached); flatten it")
+
+
+def _has_special_key(x: Any) -> bool:
+    if isinstance(x, dict):
+        return (any(type(k) is float or type(k) is _dt.time for k in x)
+                or any(_has_special_key(v) for v in x.values()))
+    if isinstance(x, list | tuple):
+        return any(_has_special_key(v) for v in x)
+    if isinstance(x, enum.Enum):
+        return _has_special_key(x.value)
+    if _is_dataclass(x):
+        return any(_has_special_key(v) for _, v in _dataclass_items(x))
+    return False
+
+
+def _key(k: Any) -> Any:
+    """A float key as ``repr(k)`` (orjson writes 1e-05 as "0.00001" as a key but 1e-5 as a
+    value); a time key as ``isoformat()`` (orjson drops a leading zero of its microseconds)."""
+    if type(k) is float:
+        if not math.isfinite(k):
+            raise _NonFinite
+        return repr(k)
+    if type(k) is _dt.time:
+        return k.isoformat()
+    return k
 
 
 def _ignore(_text: str) -> None:
@@ -173,17 +227,20 @@ class _NonFinite(Exception):
 def _fix_floats(value: Any, data: bytes, option: int) -> bytes:
     """Refuse NaN/inf; re-encode with exact integers when some float is >= 1e16 in size."""
     try:
-        needed = _scan_floats(value, option != 0)
+        needed = _scan_floats(value, option == _SLOW)
     except _NonFinite:
-        path, bad = _locate(value, _is_non_finite)
-        raise InvalidValueError(
-            f"{path} is {bad!r}: JSON has no NaN or Infinity and PostgreSQL JSONB refuses "
-            "them (orjson would silently write null); store None, a sentinel str such as "
-            "'NaN', or a finite number"
-        ) from None
+        raise _non_finite(value) from None
     if not needed:
         return data
-    return orjson.dumps(_rebuild(value), option=option)
+    return orjson.dumps(_rebuild(value), default=_default, option=option)
+
+
+def _non_finite(value: Any) -> InvalidValueError:
+    path, bad = _locate(value, _is_non_finite)
+    return InvalidValueError(
+        f"{path} is {bad!r}: JSON has no NaN or Infinity and PostgreSQL JSONB refuses them "
+        "(orjson would silently write null); store None, a sentinel str such as 'NaN', or a "
+        "finite number")
 
 
 def _is_non_finite(x: Any, is_key: bool) -> bool:
@@ -234,14 +291,20 @@ def _scan_floats(x: Any, keys: bool) -> bool:
 
 
 def _rebuild(x: Any) -> Any:
-    """``x`` with every float >= 1e16 in size as its exact integer + ``.0`` (a Fragment)."""
+    """``x`` with every float >= 1e16 in size as its exact integer + ``.0`` (a Fragment), and
+    time keys as their isoformat()."""
     t = type(x)
     if t is float:
+        if x - x != 0.0:  # NaN or ±inf
+            raise _NonFinite
         return orjson.Fragment(b"%d.0" % int(x)) if abs(x) >= _BIG else x
     if t in _LEAVES:
         return x
     if isinstance(x, dict):
-        return {k: _rebuild(v) for k, v in x.items()}
+        out = {_key(k): _rebuild(v) for k, v in x.items()}
+        if len(out) != len(x):  # 1.5 and "1.5": merged by the comprehension itself
+            _refuse_duplicates([(str(_key(k)), None) for k in x])
+        return out
     if isinstance(x, list | tuple):
         return [_rebuild(v) for v in x]
     if isinstance(x, enum.Enum):
@@ -304,6 +367,11 @@ def _diagnose(value: Any, error: Exception) -> MsstoreError:
     found = _problem(value, "value", 0, set(), False)
     if found is not None:
         return found
+    if "Recursion" in str(error):  # orjson counts tuples as levels in some places only
+        return InvalidValueError(
+            f"value nests containers deeper than the {MAX_DEPTH} levels JSON encoding allows "
+            "(tuples count where orjson says so); flatten it (e.g. store parts under "
+            "separate keys)")
     return NotSerializableError(
         f"value of type {type(value).__name__} is not JSON-serialisable ({error}); store "
         "dicts, lists, str, int, float, bool, None, UUID, datetime or dataclasses")
@@ -372,13 +440,14 @@ def _problem(x: Any, path: str, depth: int, on_path: set[int],
     if id(x) in on_path:
         return InvalidValueError(f"{path} contains itself (a reference cycle); JSON values "
                                  "are trees: break the cycle before storing")
-    if depth >= MAX_DEPTH:
+    if depth >= MAX_DEPTH and type(x) is not tuple:
         return InvalidValueError(
             f"value nests containers deeper than {MAX_DEPTH} levels (at {path[:80]}…), the "
             "most JSON encoding allows; flatten it (e.g. store parts under separate keys)")
     on_path.add(id(x))
+    step = 0 if type(x) is tuple else 1  # orjson does not count tuples as levels
     for p, child, k in kids:
-        found = _problem(child, p, depth + 1, on_path, k)
+        found = _problem(child, p, depth + step, on_path, k)
         if found is not None:
             return found
     on_path.discard(id(x))
