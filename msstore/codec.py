@@ -161,7 +161,7 @@ def _dumps_slow(value: Any) -> bytes:
         raise _diagnose(value, e) from e
     try:
         if _has_special_key(value):  # float and time keys: see _key
-            data = orjson.dumps(_rebuild(value), default=_default, option=_SLOW)
+            data = _redump(value, _SLOW)
         json.loads(data, object_pairs_hook=_refuse_duplicates, parse_float=_ignore,
                    parse_int=_ignore)
     except RecursionError:
@@ -232,7 +232,15 @@ def _fix_floats(value: Any, data: bytes, option: int) -> bytes:
         raise _non_finite(value) from None
     if not needed:
         return data
-    return orjson.dumps(_rebuild(value), default=_default, option=option)
+    return _redump(value, option)
+
+
+def _redump(value: Any, option: int) -> bytes:
+    """Encode ``_rebuild(value)``: tuples become lists, which orjson counts as levels."""
+    try:
+        return orjson.dumps(_rebuild(value), default=_default, option=option)
+    except TypeError as e:
+        raise _diagnose(value, e) from e
 
 
 def _non_finite(value: Any) -> InvalidValueError:
