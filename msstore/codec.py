@@ -60,7 +60,7 @@ What is refused, before any I/O (every error is an :class:`~msstore.errors.Mssto
   dict keys; dict keys that collide once converted to str (``{1: "a", "1": "b"}``), at any
   depth; the character U+0000 anywhere (JSONB cannot store it); strings or keys with lone
   surrogates (``"\\ud800"``: not Unicode text); nesting deeper than 254 levels of dicts,
-  lists and dataclasses (orjson's limit; tuples do not count), or a value that contains
+  lists and dataclasses (orjson's limit; it counts tuples only in places), or a value that contains
   itself. Do not nest *tuples* thousands deep: orjson 3.13 does not count them and crashes
   the process (heap corruption, then a segfault) somewhere above ~5,000 levels.
 * :class:`~msstore.errors.NotSerializableError` (also a ``TypeError``): integers outside
