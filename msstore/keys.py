@@ -11,6 +11,11 @@ invalid. msstore maps every key through :func:`encode_key`:
   like quoted-printable: ``agent:42`` -> ``agent=3A42``, ``*`` -> ``=2A``;
 * a key that starts with ``_kv`` (any case) has its ``_`` escaped: ``_kv`` -> ``=5Fkv``.
 
+Refused with :class:`InvalidKeyError` before any I/O (by :func:`check_key`, which
+:func:`encode_key`, :func:`encode_token` and :func:`join_key` call first): keys that are not
+str, empty keys, keys containing U+0000 (PostgreSQL ``text`` refuses NUL), keys with lone
+surrogates (not Unicode text), and keys longer than :data:`MAX_ENCODED_KEY` once encoded.
+
 The mapping msstore uses instead of the seed's keys:
 
 =====================  ============================  ==============================
@@ -49,11 +54,33 @@ def _escape(ch: str) -> str:
 
 
 def check_key(key: object) -> str:
-    """``key`` if it is a non-empty str; else :class:`InvalidKeyError` saying what is wrong."""
+    """``key`` if every layer can store it; else :class:`InvalidKeyError` saying what is wrong.
+
+    A key must be a non-empty str of Unicode text (no lone surrogates: they have no UTF-8
+    form), without U+0000 (PostgreSQL ``text`` columns refuse NUL, so a KV write would be
+    accepted and its flush refused), and at most :data:`MAX_ENCODED_KEY` characters (the
+    exact limit, on the encoded form, is checked by :func:`encode_key`).
+    """
     if not isinstance(key, str):
-        raise InvalidKeyError(f"keys must be str, got {type(key).__name__}: {key!r}")
+        raise InvalidKeyError(f"keys must be str, got {type(key).__name__}: {key!r}"[:200])
     if not key:
         raise InvalidKeyError("keys must not be empty")
+    if len(key) > MAX_ENCODED_KEY:
+        raise InvalidKeyError(
+            f"key {key[:40]!r}… is {len(key):,} characters long, above the limit of "
+            f"{MAX_ENCODED_KEY} (on the encoded key); use a shorter key")
+    if "\x00" in key:
+        raise InvalidKeyError(
+            f"key {key[:40]!r} contains U+0000 (NUL), which PostgreSQL text columns refuse "
+            "(the write would reach KV and its flush be refused); remove it")
+    if not key.isascii():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidKeyError(
+                f"key {key[:40]!r} contains the lone surrogate {key[e.start]!r} at position "
+                f"{e.start}, which is not Unicode text (it has no UTF-8 form); fix the key"
+            ) from None
     return key
 
 
@@ -119,12 +146,17 @@ def join_key(*parts: str) -> str:
     """Join a hierarchical key: every part but the last is one token, the last a key."""
     if not parts:
         raise InvalidKeyError("join_key needs at least one part")
+    for part in parts:  # every part checked before anything else touches it
+        check_key(part)
     *head, tail = parts
-    return _limit(".".join(parts), ".".join([*map(encode_token, head), encode_key(tail)]))
+    joined = ".".join([*map(encode_token, head), encode_key(tail)])
+    return _limit(".".join(parts), joined)
 
 
 def split_key(encoded: str, tokens: int = 1) -> list[str]:
     """Invert :func:`join_key` for a key joined from ``tokens`` leading parts plus a tail."""
+    if not isinstance(encoded, str):
+        raise InvalidKeyError(f"keys must be str, got {type(encoded).__name__}")
     pieces = encoded.split(".", tokens)
     if len(pieces) != tokens + 1:
         raise InvalidKeyError(f"{encoded!r} does not have {tokens} leading token(s)")

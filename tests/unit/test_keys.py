@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from msstore import InvalidKeyError, decode_key, encode_key, encode_token, join_key, split_key
-from msstore.keys import MAX_ENCODED_KEY, is_valid_nats_key
+from msstore.keys import MAX_ENCODED_KEY, check_key, is_valid_nats_key
 
 NATS_KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
 
@@ -17,9 +17,11 @@ NATS_KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
 _pieces = st.one_of(
     st.text(min_size=1, max_size=12),
     st.sampled_from([":", "*", ">", ".", "..", " ", "_kv", "_KV.", "=", "=3A", "agent:",
-                     "/", "-", "$KV", "\t", "é", "🎉", "\x00"]),
+                     "/", "-", "$KV", "\t", "é", "🎉", "\x01", "\U0010ffff"]),
 )
-keys = st.lists(_pieces, min_size=1, max_size=8).map("".join).filter(bool)
+# NUL is refused (see test_nul_is_refused_everywhere), so the round-trip keys leave it out.
+keys = st.lists(_pieces, min_size=1, max_size=8).map("".join).filter(
+    lambda k: bool(k) and "\x00" not in k)
 
 
 def _assert_valid(encoded: str) -> None:
@@ -103,3 +105,68 @@ def test_decode_refuses_what_encode_never_produces(bad: str) -> None:
 def test_lone_surrogate_is_a_typed_error() -> None:
     with pytest.raises(InvalidKeyError):
         encode_key("a\ud800")
+
+
+_REFUSERS = {
+    "check_key": check_key,
+    "encode_key": encode_key,
+    "encode_token": encode_token,
+    "join_key(agent, key)": lambda k: join_key("6f1c2d9e-0000-4000-8000-000000000001", k),
+    "join_key(key, agent)": lambda k: join_key(k, "plan"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_REFUSERS))
+@pytest.mark.parametrize(("bad", "why"), [
+    ("a\x00b", "U\\+0000"),
+    ("\x00", "NUL"),
+    ("", "empty"),
+    (None, "must be str"),
+    (42, "must be str"),
+    (b"bytes", "must be str"),
+    (("a", "b"), "must be str"),
+    ("a\ud800", "surrogate"),
+    ("\udfffx", "surrogate"),
+    ("k" * 10_000, str(MAX_ENCODED_KEY)),
+])
+def test_bad_keys_are_refused_before_any_io(name: str, bad: object, why: str) -> None:
+    with pytest.raises(InvalidKeyError, match=why):
+        _REFUSERS[name](bad)
+
+
+def test_nul_is_refused_everywhere_and_says_why() -> None:
+    with pytest.raises(InvalidKeyError, match="PostgreSQL text columns refuse"):
+        check_key("plan\x00step")
+    assert issubclass(InvalidKeyError, ValueError)
+
+
+def test_join_key_checks_parts_before_joining() -> None:
+    # ".".join would raise a bare TypeError on a non-str part; the check comes first.
+    with pytest.raises(InvalidKeyError, match="must be str, got int"):
+        join_key("agent", 42)  # type: ignore[arg-type]
+    with pytest.raises(InvalidKeyError, match="must be str, got NoneType"):
+        join_key(None, "k")  # type: ignore[arg-type]
+    with pytest.raises(InvalidKeyError, match="at least one part"):
+        join_key()
+    with pytest.raises(InvalidKeyError):
+        split_key(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("key", [
+    "a.b", "a.*", "a.>", "*", ">", "two words", " lead", "trail ", "ünïcode/日本語", "🎉.🎉",
+    "a..b", ".", "..", "x" * MAX_ENCODED_KEY, "=00", "_kv", "\x01\x1f\x7f",
+])
+def test_awkward_keys_round_trip_exactly(key: str) -> None:
+    encoded = encode_key(key)
+    _assert_valid(encoded)
+    assert decode_key(encoded) == key
+    if len(encoded) < MAX_ENCODED_KEY - 6:
+        assert split_key(join_key("agent", key)) == ["agent", key]
+
+
+def test_the_limit_is_on_the_encoded_key() -> None:
+    assert check_key("é" * 400) == "é" * 400  # 400 characters: check_key's cheap bound passes
+    with pytest.raises(InvalidKeyError, match="encodes to 2400 characters"):
+        encode_key("é" * 400)  # 6 characters each once encoded
+    with pytest.raises(InvalidKeyError, match="10,000 characters"):
+        check_key("k" * 10_000)
