@@ -79,7 +79,7 @@ from .hybrid import (
     merge_changes,
     wait_event,
 )
-from .keys import MAX_ENCODED_KEY, encode_key, encode_token, join_key, split_key
+from .keys import MAX_ENCODED_KEY, check_key, encode_key, encode_token, join_key, split_key
 from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket, nats_errors
 
 if TYPE_CHECKING:
@@ -436,7 +436,7 @@ class StateLifecycleManager:
     async def write(self, agent_id: uuid.UUID | str, key: str, value: Any) -> int:
         """Put ``value`` into KV and mark ``key`` dirty; return the KV revision."""
         agent = agent_uuid(agent_id)
-        kv_key = join_key(str(agent), key)
+        kv_key = join_key(str(agent), check_key(key))
         data = dumps(value)  # typed errors before any I/O
         kv = self._bucket()
         async with self._active(agent) as slot:
@@ -449,7 +449,7 @@ class StateLifecycleManager:
     async def delete(self, agent_id: uuid.UUID | str, key: str) -> int:
         """Put a KV delete marker for ``key`` and mark it dirty (flushed as a SQL delete)."""
         agent = agent_uuid(agent_id)
-        kv_key = join_key(str(agent), key)
+        kv_key = join_key(str(agent), check_key(key))
         self._bucket()
         async with self._active(agent) as slot:
             revision = await self._publish_delete(kv_key)
@@ -464,7 +464,7 @@ class StateLifecycleManager:
         created in KV if still absent. Raises :class:`NotFoundError` unless ``default``.
         """
         agent = agent_uuid(agent_id)
-        kv_key = join_key(str(agent), key)
+        kv_key = join_key(str(agent), check_key(key))
         kv = self._bucket()
         self.counters["reads"] += 1
         async with self._active(agent):
