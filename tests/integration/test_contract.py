@@ -846,3 +846,27 @@ async def test_lifecycle_read_through_without_a_race_recreates_the_key(
         kv = await ms.js.key_value(lm.bucket)
         entry = await kv.get(msstore.join_key(str(agent), "k"))
         assert msstore.loads(entry.value) == {"v": 1}
+
+
+# --------------------------------------------------------------------------- the policy, live
+
+
+async def test_the_policy_on_a_real_server(ms: msstore.Connection) -> None:
+    """A SQL bug is a StoreError, a refused value a DataRejectedError, a timeout a timeout."""
+    from msstore._pg import pg_call, retryable
+    from msstore.errors import DataRejectedError, StoreError, StoreTimeoutError
+
+    with pytest.raises(StoreError, match="42P01") as bug:
+        await pg_call("read", ms.pool.fetch("SELECT * FROM agents.no_such_table"))
+    assert not isinstance(bug.value, StoreUnavailableError) and not retryable(bug.value)
+    with pytest.raises(DataRejectedError, match="22P02") as data:
+        await pg_call("read", ms.pool.fetchval("SELECT 'seven'::int"))
+    assert not retryable(data.value)
+    async with ms.pool.acquire() as conn:
+        await conn.execute("SET statement_timeout = '50ms'")
+        try:
+            with pytest.raises(StoreTimeoutError, match="may still have been applied") as slow:
+                await pg_call("sleep", conn.execute("SELECT pg_sleep(5)"))
+        finally:
+            await conn.execute("RESET statement_timeout")
+    assert retryable(slow.value)
