@@ -111,10 +111,23 @@ class ServiceError(MsstoreError):
     """An embedded server could not be started, found or stopped."""
 
 
+class StoreError(MsstoreError):
+    """PostgreSQL refused the statement itself (undefined table, syntax error, permission).
+
+    Not an outage and not the caller's data: a bug or a missing migration. Retrying will
+    fail the same way, so it is never reported as :class:`StoreUnavailableError`.
+    """
+
+
+class DataRejectedError(InvalidValueError):
+    """PostgreSQL refused a value (a data exception or an integrity violation); not retried."""
+
+
 __all__ = [
     "BackpressureError",
     "ChangesLostError",
     "ConflictError",
+    "DataRejectedError",
     "IllegalTransitionError",
     "InvalidAgentIdError",
     "InvalidKeyError",
@@ -129,6 +142,7 @@ __all__ = [
     "PendingWritesError",
     "RoutingError",
     "ServiceError",
+    "StoreError",
     "StoreTimeoutError",
     "StoreUnavailableError",
     "ValueTooLargeError",

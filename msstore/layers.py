@@ -18,37 +18,38 @@ wherever it is routed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import math
 import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import asyncpg
-import nats.errors
 import nats.js.errors
 import orjson
 from nats.js.kv import KeyValue
 
+from ._check import optional_seconds, positive_int
+from ._pg import pg_errors as _pg_errors
 from .codec import MAX_VALUE_BYTES, dumps, loads
 from .errors import (
+    DataRejectedError,
     InvalidAgentIdError,
     InvalidKeyError,
+    InvalidOptionError,
     InvalidValueError,
     NotFoundError,
-    StoreTimeoutError,
     StoreUnavailableError,
 )
 from .keys import check_key as _check_key
 from .keys import decode_key, encode_key
-from .kv import DEFAULT_TTL_SECONDS, ensure_bucket
+from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket
 from .kv import nats_errors as _nats_errors
-from .router import DataType, Hit, RoutingError
+from .router import DataType, Hit, RoutingError, _coerce
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -58,9 +59,29 @@ _MISSING: Any = object()
 
 
 def _check_limit(limit: object) -> int:
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise InvalidValueError(f"limit must be a positive int, got {limit!r}")
-    return limit
+    return positive_int("limit", limit)
+
+
+def _check_pool(pool: object) -> asyncpg.Pool:
+    if not isinstance(pool, asyncpg.Pool):
+        raise InvalidOptionError(f"pool must be an asyncpg.Pool (ms.pool), got "
+                                 f"{type(pool).__name__}")
+    return pool
+
+
+def _pairs(items: object, what: str) -> list[tuple[Any, Any]]:
+    """``items`` (a mapping or an iterable of ``(key, value)`` pairs) as a list of pairs."""
+    if isinstance(items, Mapping):
+        return list(items.items())
+    if isinstance(items, str | bytes) or not isinstance(items, Iterable):
+        raise InvalidValueError(f"{what} takes a mapping or an iterable of (key, value) "
+                                f"pairs, got {type(items).__name__}")
+    pairs: list[tuple[Any, Any]] = []
+    for item in items:
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise InvalidValueError(f"{what} takes (key, value) pairs, got {item!r:.80}")
+        pairs.append((item[0], item[1]))
+    return pairs
 
 
 def _check_ttl(ttl: object) -> float | None:
@@ -86,11 +107,11 @@ class MemoryCache:
 
     def __init__(self, *, max_entries: int = 10_000, ttl: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if isinstance(max_entries, bool) or not isinstance(max_entries, int) \
-                or max_entries < 1:
-            raise InvalidValueError(f"max_entries must be a positive int, got {max_entries!r}")
-        self.max_entries = max_entries
-        self.ttl = _check_ttl(ttl)
+        self.max_entries = positive_int("max_entries", max_entries)
+        self.ttl = optional_seconds("ttl", ttl)
+        if not callable(clock):
+            raise InvalidOptionError(f"clock must be a callable returning seconds, got "
+                                     f"{clock!r}")
         self._clock = clock
         self._data: OrderedDict[str, tuple[float, Any]] = OrderedDict()
         self.hits = 0
@@ -186,10 +207,13 @@ class KVStore:
 
     def __init__(self, kv: KeyValue, *, bucket: str, ttl: float | None,
                  max_value_bytes: int = MAX_VALUE_BYTES) -> None:
+        if not isinstance(kv, KeyValue):
+            raise InvalidOptionError(f"kv must be a nats KeyValue bucket (use KVStore.open), "
+                                     f"got {type(kv).__name__}")
         self._kv = kv
-        self.bucket = bucket
-        self.ttl = ttl
-        self.max_value_bytes = max_value_bytes
+        self.bucket = check_bucket_name(bucket)
+        self.ttl = optional_seconds("ttl", ttl)
+        self.max_value_bytes = positive_int("max_value_bytes", max_value_bytes)
 
     @classmethod
     async def open(cls, ms: Connection, bucket: str, *,
@@ -200,7 +224,11 @@ class KVStore:
         An existing bucket keeps the settings it was created with; ``ttl`` reports the
         bucket's real max age.
         """
-        ttl = _check_ttl(ttl)
+        ttl = optional_seconds("ttl", ttl)
+        check_bucket_name(bucket)
+        positive_int("max_value_bytes", max_value_bytes)
+        if description is not None and not isinstance(description, str):
+            raise InvalidOptionError(f"description must be a str or None, got {description!r}")
         with _nats_errors(f"opening bucket {bucket!r}"):
             kv = await ensure_bucket(ms.js, bucket, ttl=ttl, description=description)
             status = await kv.status()
@@ -265,17 +293,6 @@ class KVStore:
 # --------------------------------------------------------------------------- PostgreSQL
 
 
-@contextlib.contextmanager
-def _pg_errors(what: str) -> Iterator[None]:
-    """Translate lost connections and timeouts into msstore's errors, keeping the cause."""
-    try:
-        yield
-    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as e:
-        raise StoreUnavailableError(f"PostgreSQL failed while {what}: {e!r}") from e
-    except TimeoutError as e:
-        raise StoreTimeoutError(f"PostgreSQL did not answer in time while {what}") from e
-
-
 def _uuid(key: object, what: str) -> uuid.UUID:
     if isinstance(key, uuid.UUID):
         return key
@@ -307,12 +324,13 @@ class SQLStore:
     """Base of the relational layer: one table per data type, one statement per call."""
 
     def __init__(self, pool: asyncpg.Pool, *, max_value_bytes: int = MAX_VALUE_BYTES) -> None:
-        self._pool = pool
-        self.max_value_bytes = max_value_bytes
+        self._pool = _check_pool(pool)
+        self.max_value_bytes = positive_int("max_value_bytes", max_value_bytes)
 
     @staticmethod
     def for_data_type(ms: Connection, data_type: DataType) -> SQLStore:
         """The table-backed store for ``data_type`` (TASK_INFO or MESSAGE_LOG)."""
+        data_type = _coerce(DataType, data_type)
         if data_type is DataType.TASK_INFO:
             return TaskStore(ms.pool)
         if data_type is DataType.MESSAGE_LOG:
@@ -320,17 +338,21 @@ class SQLStore:
         raise RoutingError(f"RELATIONAL_DB has no table for {data_type.name}; "
                            "it holds TASK_INFO and MESSAGE_LOG")
 
+    def _no_table(self) -> RoutingError:
+        return RoutingError(f"{type(self).__name__} has no table: use TaskStore or "
+                            "MessageLogStore (SQLStore.for_data_type picks one)")
+
     async def store(self, key: str, value: Any) -> str:
-        raise NotImplementedError
+        raise self._no_table()
 
     async def retrieve(self, key: str) -> Any:
-        raise NotImplementedError
+        raise self._no_table()
 
     async def remove(self, key: str) -> None:
-        raise NotImplementedError
+        raise self._no_table()
 
     async def search(self, query: Any, *, limit: int = 10) -> list[Hit]:
-        raise NotImplementedError
+        raise self._no_table()
 
 
 _TASK_COLUMNS = ("task_type", "status", "metadata", "expires_at")
@@ -398,7 +420,7 @@ class TaskStore(SQLStore):
     async def store_many(self, items: Mapping[Any, Any] | Iterable[tuple[Any, Any]], *,
                          ttl: float | None = None) -> list[str]:
         """Upsert many tasks in one statement (``unnest``); a repeated id keeps its last value."""
-        pairs = items.items() if isinstance(items, Mapping) else items
+        pairs = _pairs(items, "TaskStore.store_many")
         rows: dict[uuid.UUID, tuple[Any, ...]] = {}
         for key, value in pairs:
             row = self._row(key, value, ttl)
@@ -482,6 +504,9 @@ class MessageLogStore(SQLStore):
                 raise InvalidAgentIdError(str(e)) from None
         else:
             agent = None
+        if isinstance(payloads, str | bytes | Mapping) or not isinstance(payloads, Iterable):
+            raise InvalidValueError(f"append_many takes a sequence of payloads, got "
+                                    f"{type(payloads).__name__}")
         encoded = [_jsonb(p, self.max_value_bytes) for p in payloads]
         ids = [uuid.uuid4() for _ in encoded]
         if ids:
@@ -553,7 +578,7 @@ class HashingEmbedder:
 
     def __init__(self, dim: int = 256) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 8:
-            raise InvalidValueError(f"dim must be an int of at least 8, got {dim!r}")
+            raise InvalidOptionError(f"dim must be an int of at least 8, got {dim!r}")
         self._dim = dim
 
     @property
@@ -581,6 +606,25 @@ class HashingEmbedder:
 
     def __repr__(self) -> str:
         return f"HashingEmbedder(dim={self._dim})"
+
+
+class _LayerMissing(StoreUnavailableError):
+    """The server lacks what a layer needs (pgvector): the Store keeps its other layers."""
+
+
+def _check_embedder(embedder: object) -> Embedder:
+    if embedder is None:
+        return HashingEmbedder()
+    if not isinstance(embedder, Embedder):
+        raise InvalidOptionError(f"embedder must have a dim and an embed(texts) method "
+                                 f"(msstore.Embedder), got {type(embedder).__name__}")
+    return embedder
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidOptionError(f"{name} must be a bool, got {value!r}")
+    return value
 
 
 def _vector_literal(vec: Sequence[float], dim: int) -> str:
@@ -631,17 +675,20 @@ class VectorStore:
     def __init__(self, pool: asyncpg.Pool, *, collection: str = "knowledge_base",
                  embedder: Embedder | None = None, offload_embedding: bool = False,
                  max_value_bytes: int = MAX_VALUE_BYTES) -> None:
-        self._pool = pool
+        self._pool = _check_pool(pool)
         self.collection = _check_key(collection)
-        self.embedder: Embedder = embedder if embedder is not None else HashingEmbedder()
-        self.offload_embedding = offload_embedding
-        self.max_value_bytes = max_value_bytes
+        self.embedder: Embedder = _check_embedder(embedder)
+        self.offload_embedding = _check_bool("offload_embedding", offload_embedding)
+        self.max_value_bytes = positive_int("max_value_bytes", max_value_bytes)
 
     @classmethod
     async def open(cls, ms: Connection, *, collection: str = "knowledge_base",
                    embedder: Embedder | None = None,
                    offload_embedding: bool = False) -> VectorStore:
         """Check that pgvector and the table exist; raise StoreUnavailableError saying how."""
+        _check_key(collection)
+        _check_embedder(embedder)
+        _check_bool("offload_embedding", offload_embedding)
         with _pg_errors("checking for pgvector"):
             row = await ms.pool.fetchrow(
                 "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'vector') AS ext, "
@@ -651,9 +698,9 @@ class VectorStore:
         assert row is not None
         server = f"{_redact(ms.database_url)} (PostgreSQL {row['version']})"
         if not row["avail"]:
-            raise StoreUnavailableError(pgvector_missing_message(server))
+            raise _LayerMissing(pgvector_missing_message(server))
         if not (row["ext"] and row["tbl"]):
-            raise StoreUnavailableError(
+            raise _LayerMissing(
                 f"pgvector is available on {server} but knowledge.documents is missing: the "
                 "database was migrated before pgvector was installed. Run the DO block of "
                 "sql/003_knowledge_base.sql once more (it is idempotent), e.g. with psql -f"
@@ -687,7 +734,7 @@ class VectorStore:
     async def store_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]]
                          ) -> list[str]:
         """Embed and upsert many documents in one statement; a repeated key keeps its last."""
-        pairs = items.items() if isinstance(items, Mapping) else items
+        pairs = _pairs(items, "VectorStore.store_many")
         docs: dict[str, tuple[str, orjson.Fragment]] = {}
         for key, value in pairs:
             _check_key(key)
@@ -726,6 +773,9 @@ class VectorStore:
             raise InvalidValueError(f"vector search takes text (str), got "
                                     f"{type(query).__name__}")
         limit = _check_limit(limit)
+        if where is not None and not isinstance(where, Mapping):
+            raise InvalidValueError(f"where must be a mapping (a JSONB containment filter) or "
+                                    f"None, got {type(where).__name__}")
         if not _WORD_RE.search(query):
             return []
         embedded = (await self._embed([query]))[0]
@@ -737,8 +787,10 @@ class VectorStore:
             with _pg_errors("searching the knowledge base"):
                 rows = await self._pool.fetch(_SEARCH_DOCS, self.collection, vector, limit,
                                               flt)
-        except asyncpg.DataError as e:
-            raise InvalidValueError(
+        except DataRejectedError as e:
+            if not isinstance(e.__cause__, asyncpg.DataError):
+                raise
+            raise DataRejectedError(
                 f"collection {self.collection!r} holds vectors of another dimension than "
                 f"this embedder's {self.embedder.dim} ({e}); use one embedder per collection"
             ) from e

@@ -61,11 +61,14 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
+from ._check import not_open, positive_int, positive_seconds
+from ._pg import pg_errors
 from .codec import dumps, loads
 from .errors import (
     IllegalTransitionError,
+    InvalidOptionError,
     NotFoundError,
-    StoreTimeoutError,
+    NotOpenError,
     StoreUnavailableError,
 )
 from .hybrid import (
@@ -76,7 +79,7 @@ from .hybrid import (
     merge_changes,
     wait_event,
 )
-from .keys import MAX_ENCODED_KEY, encode_key, encode_token, join_key, split_key
+from .keys import MAX_ENCODED_KEY, check_key, encode_key, encode_token, join_key, split_key
 from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket, nats_errors
 
 if TYPE_CHECKING:
@@ -89,7 +92,6 @@ log = logging.getLogger("msstore.lifecycle")
 T = TypeVar("T")
 _MISSING: Final = object()
 _DELETE_OPS: Final = frozenset({"DEL", "PURGE"})
-_SQL_ERRORS: Final = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 # --------------------------------------------------------------------------- the state machine
@@ -258,6 +260,7 @@ class RestoreResult:
 COUNTERS: Final = (
     "sql_loads", "hydrations", "hydration_joins", "hydration_failures", "keys_hydrated",
     "keys_skipped", "hydration_peak_in_flight", "writes", "deletes", "reads", "read_fallbacks",
+    "read_races",
     "flushes", "flush_failures", "rows_flushed", "dirty_lost", "checkpoints", "restores",
     "expirations", "expire_failures", "sweeps",
 )
@@ -284,15 +287,23 @@ class StateLifecycleManager:
                  sql_timeout: float = 30.0, nats_timeout: float = 5.0,
                  flush_on_close: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        idle = ttl / 2 if idle_timeout is None else idle_timeout
-        if not ttl > 0 or not idle > 0:
-            raise ValueError(f"ttl and idle_timeout must be > 0 seconds, got {ttl!r}, {idle!r}")
+        ttl = positive_seconds("ttl", ttl)
+        idle = ttl / 2 if idle_timeout is None else positive_seconds("idle_timeout",
+                                                                      idle_timeout)
         if idle >= ttl:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"idle_timeout ({idle} s) must be below the bucket ttl ({ttl} s): otherwise KV "
                 "drops an idle agent's values before it is flushed and expired")
-        if not isinstance(hydrate_chunk, int) or hydrate_chunk < 1:
-            raise ValueError(f"hydrate_chunk must be a positive int, got {hydrate_chunk!r}")
+        hydrate_chunk = positive_int("hydrate_chunk", hydrate_chunk)
+        sql_timeout = positive_seconds("sql_timeout", sql_timeout)
+        nats_timeout = positive_seconds("nats_timeout", nats_timeout)
+        if sweep_interval is not None:
+            sweep_interval = positive_seconds("sweep_interval", sweep_interval)
+        if not isinstance(flush_on_close, bool):
+            raise InvalidOptionError(f"flush_on_close must be a bool, got {flush_on_close!r}")
+        if not callable(clock):
+            raise InvalidOptionError(f"clock must be a callable returning seconds, got "
+                                     f"{clock!r}")
         self.ms = ms
         self.bucket = check_bucket_name(bucket)
         self.stream = f"KV_{bucket}"
@@ -326,7 +337,8 @@ class StateLifecycleManager:
     async def start(self, *, sweeper: bool = True) -> None:
         """Open the bucket (``ttl`` as max age) and start the idle sweeper."""
         if self._kv is not None or self._closed:
-            raise RuntimeError("a StateLifecycleManager can be started once")
+            raise NotOpenError("a StateLifecycleManager can be started once; it is "
+                               f"{'closed' if self._closed else 'already started'}")
         with nats_errors(f"open KV bucket {self.bucket!r}"):
             self._kv = await ensure_bucket(self.ms.js, self.bucket, ttl=self.ttl)
         if sweeper:
@@ -363,9 +375,9 @@ class StateLifecycleManager:
 
     def _bucket(self) -> KeyValue:
         if self._kv is None or self._closed:
-            raise RuntimeError(
-                "StateLifecycleManager is not open: use `async with StateLifecycleManager(ms) "
-                "as lm` or `await StateLifecycleManager.open(ms)`")
+            raise not_open("StateLifecycleManager", "closed" if self._closed else "not started",
+                           "use `async with StateLifecycleManager(ms) as lm` or "
+                           "`await StateLifecycleManager.open(ms)`")
         return self._kv
 
     def _slot(self, agent: uuid.UUID) -> _Slot:
@@ -382,6 +394,8 @@ class StateLifecycleManager:
 
     def on_transition(self, listener: TransitionListener) -> Callable[[], None]:
         """Register ``listener(agent_id, from, to, at)``; returns a function that removes it."""
+        if not callable(listener):
+            raise InvalidOptionError(f"listener must be callable, got {listener!r}")
         return self.tracker.on_transition(listener)
 
     def transitions(self, agent_id: uuid.UUID | str | None = None) -> list[TransitionEvent]:
@@ -422,7 +436,7 @@ class StateLifecycleManager:
     async def write(self, agent_id: uuid.UUID | str, key: str, value: Any) -> int:
         """Put ``value`` into KV and mark ``key`` dirty; return the KV revision."""
         agent = agent_uuid(agent_id)
-        kv_key = join_key(str(agent), key)
+        kv_key = join_key(str(agent), check_key(key))
         data = dumps(value)  # typed errors before any I/O
         kv = self._bucket()
         async with self._active(agent) as slot:
@@ -435,7 +449,7 @@ class StateLifecycleManager:
     async def delete(self, agent_id: uuid.UUID | str, key: str) -> int:
         """Put a KV delete marker for ``key`` and mark it dirty (flushed as a SQL delete)."""
         agent = agent_uuid(agent_id)
-        kv_key = join_key(str(agent), key)
+        kv_key = join_key(str(agent), check_key(key))
         self._bucket()
         async with self._active(agent) as slot:
             revision = await self._publish_delete(kv_key)
@@ -450,7 +464,7 @@ class StateLifecycleManager:
         created in KV if still absent. Raises :class:`NotFoundError` unless ``default``.
         """
         agent = agent_uuid(agent_id)
-        kv_key = join_key(str(agent), key)
+        kv_key = join_key(str(agent), check_key(key))
         kv = self._bucket()
         self.counters["reads"] += 1
         async with self._active(agent):
@@ -468,17 +482,41 @@ class StateLifecycleManager:
         raise NotFoundError(f"agent {agent} has no key {key!r}")
 
     async def _read_through(self, agent: uuid.UUID, key: str, kv_key: str) -> Any:
-        text = await self._sql(f"read {key!r} of agent {agent}", self.ms.pool.fetchval(
-            "SELECT value::text FROM agents.state WHERE agent_id = $1 AND key = $2",
-            agent, key, timeout=self.sql_timeout))
-        if text is None:
-            return _MISSING
-        self.counters["read_fallbacks"] += 1
-        data = str(text).encode()
-        with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
-            with nats_errors(f"re-create {key!r}"):
-                await self._bucket().update(kv_key, data, last=0)
-        return loads(data)
+        """The SQL row, created in KV if KV still has nothing; KV's value if that race is lost.
+
+        Losing the create-if-absent race means another writer put a newer value (or a delete
+        marker) into KV after the SQL read: that value wins and is read again from KV, like the
+        hybrid manager, the repository and the tiered cache do.
+        """
+        kv = self._bucket()
+        data = b""
+        for _attempt in range(3):
+            text = await self._sql(f"read {key!r} of agent {agent}", self.ms.pool.fetchval(
+                "SELECT value::text FROM agents.state WHERE agent_id = $1 AND key = $2",
+                agent, key, timeout=self.sql_timeout))
+            if text is None:
+                return _MISSING
+            self.counters["read_fallbacks"] += 1
+            data = str(text).encode()
+            await self._after_sql_read(agent, key)
+            try:
+                with nats_errors(f"re-create {key!r}"):
+                    await kv.update(kv_key, data, last=0)
+                return loads(data)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                self.counters["read_races"] += 1
+            try:
+                with nats_errors(f"read {key!r}"):
+                    entry = await kv.get(kv_key)
+                return loads(entry.value or b"null")
+            except nats.js.errors.KeyNotFoundError as e:
+                if e.op is not None:
+                    return _MISSING  # deleted after the SQL read: the delete wins
+                # no message again (the bucket's max age dropped it): read SQL again
+        return loads(data)  # three lost races in a row: the SQL row is still committed
+
+    async def _after_sql_read(self, agent: uuid.UUID, key: str) -> None:
+        """Test seam: runs between the read-through's SQL read and its KV create."""
 
     # ---------------------------------------------------------------- hydration
 
@@ -761,6 +799,9 @@ class StateLifecycleManager:
         retried by the next sweep.
         """
         self._bucket()
+        if now is not None and (isinstance(now, bool) or not isinstance(now, int | float)):
+            raise InvalidOptionError(f"now must be a clock reading in seconds or None, got "
+                                     f"{now!r}")
         cutoff = (self.clock() if now is None else now) - self.idle_timeout
         idle = [a for a, s in self._slots.items()
                 if s.last_access <= cutoff and self.tracker.state(a) is S.ACTIVE]
@@ -814,18 +855,9 @@ class StateLifecycleManager:
         return int(ack.seq)
 
     async def _sql(self, what: str, aw: Awaitable[T]) -> T:
-        try:
+        """``await aw`` under msstore's PostgreSQL error policy (:mod:`msstore._pg`)."""
+        with pg_errors(what):
             return await aw
-        except asyncio.CancelledError:
-            raise
-        except (asyncpg.QueryCanceledError, TimeoutError) as e:
-            raise StoreTimeoutError(
-                f"PostgreSQL did not {what} in time ({e!r}); nothing was committed, retry "
-                "later or raise sql_timeout") from e
-        except _SQL_ERRORS as e:
-            raise StoreUnavailableError(
-                f"PostgreSQL failed to {what} ({e!r}); nothing was committed and dirty keys "
-                "are kept: retry once PostgreSQL is reachable") from e
 
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import asyncpg
 
-from .errors import MigrationChecksumError, MigrationError
+from ._pg import TRANSLATED, pg_error, pg_errors
+from .errors import MigrationChecksumError, MigrationError, StoreUnavailableError
 
 #: Arbitrary but fixed: the advisory-lock key all msstore migration runners agree on.
 LOCK_KEY = 0x6D5_5354_4F52  # "msSTOR"
@@ -80,13 +81,15 @@ def load(directory: Path | None = None) -> list[Migration]:
 
 async def applied(conn: asyncpg.Connection) -> list[dict[str, Any]]:
     """The recorded migrations, oldest first (empty before the first run)."""
-    exists = await conn.fetchval("SELECT to_regclass('public.msstore_migrations') IS NOT NULL")
-    if not exists:
-        return []
-    rows = await conn.fetch(
-        "SELECT version, name, checksum, applied_at FROM public.msstore_migrations "
-        "ORDER BY version"
-    )
+    with pg_errors("read the applied migrations"):
+        exists = await conn.fetchval(
+            "SELECT to_regclass('public.msstore_migrations') IS NOT NULL")
+        if not exists:
+            return []
+        rows = await conn.fetch(
+            "SELECT version, name, checksum, applied_at FROM public.msstore_migrations "
+            "ORDER BY version"
+        )
     return [dict(r) for r in rows]
 
 
@@ -95,15 +98,19 @@ async def migrate(target: asyncpg.Pool | asyncpg.Connection,
     """Apply pending migrations in order; return the file names applied by this call."""
     migrations = load(directory)
     if isinstance(target, asyncpg.Pool):
-        async with target.acquire() as conn:
-            return await _migrate(conn, migrations)
-    return await _migrate(target, migrations)
+        with pg_errors("migrate the schema"):
+            async with target.acquire() as conn:
+                return await _migrate(conn, migrations)
+    with pg_errors("migrate the schema"):
+        return await _migrate(target, migrations)
 
 
 async def _migrate(conn: Any, migrations: list[Migration]) -> list[str]:
-    await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+    with pg_errors("take the migration lock"):
+        await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
     try:
-        await conn.execute(_CREATE_TABLE)
+        with pg_errors("create public.msstore_migrations"):
+            await conn.execute(_CREATE_TABLE)
         done = {r["version"]: r for r in await applied(conn)}
         known = {m.version: m for m in migrations}
         for version, row in done.items():
@@ -130,13 +137,16 @@ async def _migrate(conn: Any, migrations: list[Migration]) -> list[str]:
                         "INSERT INTO public.msstore_migrations (version, name, checksum) "
                         "VALUES ($1, $2, $3)", m.version, m.name, m.checksum,
                     )
-            except asyncpg.PostgresError as e:
+            except TRANSLATED as e:
+                err = pg_error(f"apply {m.filename}", e)
+                if isinstance(err, StoreUnavailableError):
+                    raise err from e  # an outage is not the file's fault: retry later
                 raise MigrationError(f"{m.filename} failed and was rolled back: {e}") from e
             newly.append(m.filename)
         return newly
     finally:
         if not conn.is_closed():
-            with contextlib.suppress(asyncpg.PostgresError, OSError):
+            with contextlib.suppress(*TRANSLATED):
                 await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
 
 

@@ -62,17 +62,18 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, runtime_checkable
 
-import asyncpg
-import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
 
+from ._check import non_negative_int, not_open, positive_int, positive_seconds
+from ._pg import pg_error, pg_errors, retryable
 from .codec import dumps, loads
 from .errors import (
     BackpressureError,
     ConflictError,
     InvalidValueError,
     NotFoundError,
+    NotOpenError,
     NotSerializableError,
     PendingWritesError,
     StoreUnavailableError,
@@ -274,14 +275,11 @@ class AgentRepository:
                  max_lag_samples: int = 100_000) -> None:
         for name, value in (("batch_size", batch_size), ("max_pending", max_pending),
                             ("max_lag_samples", max_lag_samples)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise InvalidValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+            positive_int(name, value)
+        non_negative_int("max_retries", max_retries)
         for name, seconds in (("ttl", ttl), ("base_backoff", base_backoff),
                               ("max_backoff", max_backoff), ("sql_timeout", sql_timeout)):
-            if not isinstance(seconds, int | float) or not seconds > 0:
-                raise InvalidValueError(f"{name} must be > 0 seconds, got {seconds!r}")
+            positive_seconds(name, seconds)
         self.ms = ms
         self.bucket = check_bucket_name(bucket)
         self.ttl = float(ttl)
@@ -317,7 +315,7 @@ class AgentRepository:
     async def start(self) -> None:
         """Open the bucket (max age ``ttl``, direct get) and start the SQL writer."""
         if self._state is not _State.NEW:
-            raise RuntimeError(f"cannot start an AgentRepository that is {self._state.value}")
+            raise NotOpenError(f"cannot start an AgentRepository that is {self._state.value}")
         with nats_errors(f"open KV bucket {self.bucket!r}"):
             self._kv = await ensure_bucket(self.ms.js, self.bucket, ttl=self.ttl)
         self._writer = asyncio.create_task(self._run(), name="msstore-repository-writer")
@@ -348,9 +346,9 @@ class AgentRepository:
 
     def _check_open(self) -> KeyValue:
         if self._state is not _State.OPEN or self._kv is None:
-            raise RuntimeError(
-                f"AgentRepository is {self._state.value}: use `async with AgentRepository(ms) "
-                "as repo` or `repo = await AgentRepository.open(ms)`")
+            raise not_open("AgentRepository", self._state.value,
+                           "use `async with AgentRepository(ms) as repo` or "
+                           "`repo = await AgentRepository.open(ms)`")
         return self._kv
 
     # ---------------------------------------------------------------- the API
@@ -611,8 +609,15 @@ class AgentRepository:
                     timeout=self.sql_timeout)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # outage, timeout, or a bug: retry, then report
-                self.last_error = e
+            except Exception as e:  # translated by the one policy, kept for drain()'s report
+                err = pg_error(f"write {len(batch)} agent(s) to agents.registry", e)
+                if err is not e:
+                    err.__cause__ = e
+                self.last_error = err
+                if not retryable(e):  # a refused value or statement fails the same way again
+                    log.warning("SQL write of %d agents refused (%r); kept as failed, not "
+                                "retried", len(batch), e)
+                    return False
                 if attempt == self.max_retries:
                     log.warning("SQL write of %d agents failed %d times (%r); kept as failed",
                                 len(batch), attempt + 1, e)
@@ -632,13 +637,10 @@ class AgentRepository:
 
     async def _from_sql(self, agent_id: uuid.UUID) -> Agent | None:
         self.counters["sql_fallbacks"] += 1
-        try:
+        with pg_errors(f"agent {agent_id} is not in KV; read it from agents.registry"):
             row = await self.ms.pool.fetchrow(
                 "SELECT agent_type, status, metadata, version FROM agents.registry "
                 "WHERE agent_id = $1", agent_id, timeout=self.sql_timeout)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
-            raise StoreUnavailableError(
-                f"agent {agent_id} is not in KV and PostgreSQL cannot be read: {e!r}") from e
         if row is None:
             return None
         return Agent._trusted(agent_id, row["agent_type"], row["status"], row["metadata"],

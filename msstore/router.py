@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
-from .errors import RoutingError, StoreUnavailableError
+from ._check import not_open
+from .errors import InvalidOptionError, RoutingError, StoreUnavailableError
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -200,11 +201,17 @@ class Store:
     """
 
     def __init__(self, router: DataRouter, storages: Mapping[DataType, DataStorage]) -> None:
+        if not isinstance(router, DataRouter):
+            raise RoutingError(f"router must be a DataRouter, got {type(router).__name__}")
+        if not isinstance(storages, Mapping):
+            raise RoutingError(f"storages must be a mapping of DataType to DataStorage, got "
+                               f"{type(storages).__name__}")
         missing = [d.name for d in DataType if d not in storages]
         if missing:
             raise RoutingError(f"no storage given for {', '.join(missing)}")
         self._router = router
         self._storages = dict(storages)
+        self._closed = False
 
     @classmethod
     async def open(cls, ms: Connection, *, routes: Mapping[Any, Any] | None = None,
@@ -219,10 +226,16 @@ class Store:
         only with a new bucket; memory: per entry); the default is the seed's 30 minutes.
         Buckets are named ``<bucket_prefix>_<data_type>``, e.g. ``msstore_session_data``.
         """
-        from .kv import DEFAULT_TTL_SECONDS
-        from .layers import KVStore, MemoryCache, SQLStore, VectorStore
+        from .kv import DEFAULT_TTL_SECONDS, check_bucket_name
+        from .layers import KVStore, MemoryCache, SQLStore, VectorStore, _LayerMissing
 
         router = DataRouter(routes)
+        if not isinstance(bucket_prefix, str):
+            raise InvalidOptionError(f"bucket_prefix must be a str, got {bucket_prefix!r}")
+        check_bucket_name(f"{bucket_prefix}_x")
+        if ttls is not None and not isinstance(ttls, Mapping):
+            raise InvalidOptionError(f"ttls must be a mapping of DataType to seconds (or None),"
+                                     f" got {type(ttls).__name__}")
         ttl_for: dict[DataType, float | None] = dict.fromkeys(DataType, DEFAULT_TTL_SECONDS)
         for data_type, ttl in (ttls or {}).items():
             ttl_for[_coerce(DataType, data_type)] = ttl
@@ -242,7 +255,7 @@ class Store:
                 try:
                     storages[data_type] = await VectorStore.open(
                         ms, collection=collection, embedder=embedder)
-                except StoreUnavailableError as e:
+                except _LayerMissing as e:  # pgvector missing; an outage is raised
                     storages[data_type] = _Unavailable(str(e))
         return cls(router, storages)
 
@@ -257,6 +270,8 @@ class Store:
 
     def storage(self, data_type: DataType | str) -> DataStorage:
         """The storage object ``data_type`` is routed to (for layer-specific calls)."""
+        if self._closed:
+            raise not_open("Store", "closed", "open a new one with `await Store.open(ms)`")
         return self._storages[_coerce(DataType, data_type)]
 
     async def store(self, data_type: DataType | str, key: str, value: Any) -> str:
@@ -277,7 +292,8 @@ class Store:
         return await self.storage(data_type).search(query, limit=limit)
 
     async def close(self) -> None:
-        """Nothing to release today (the connection is the caller's); kept for ``async with``."""
+        """Nothing to release (the connection is the caller's); later calls raise NotOpenError."""
+        self._closed = True
 
     async def __aenter__(self) -> Store:
         return self

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from msstore.errors import MsstoreError
+from msstore.errors import InvalidKeyError, InvalidOptionError, MsstoreError, NotOpenError
 from msstore.lifecycle import (
     TRANSITIONS,
     IllegalTransitionError,
@@ -122,8 +122,43 @@ def test_a_broken_listener_does_not_break_transitions_and_unsubscribe_works() ->
     {"ttl": 10.0, "idle_timeout": 20.0},
     {"ttl": 0.0},
     {"hydrate_chunk": 0},
-    {"bucket": "bad.name"},
+    {"hydrate_chunk": True},
+    {"ttl": "60"},
+    {"idle_timeout": -1.0},
+    {"sql_timeout": 0},
+    {"nats_timeout": float("inf")},
+    {"sweep_interval": 0},
+    {"flush_on_close": "yes"},
+    {"clock": 3.0},
 ])
 def test_bad_options_are_refused_before_any_io(options: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidOptionError) as info:
         StateLifecycleManager(None, **options)  # type: ignore[arg-type]
+    assert isinstance(info.value, ValueError)
+    assert any(name in str(info.value) for name in options)
+
+
+def test_a_bad_bucket_name_is_an_invalid_key() -> None:
+    with pytest.raises(InvalidKeyError):
+        StateLifecycleManager(None, bucket="bad.name")  # type: ignore[arg-type]
+
+
+async def test_use_before_start_and_after_close_raises_not_open() -> None:
+    lm = StateLifecycleManager(None)  # type: ignore[arg-type]
+    agent = uuid.uuid4()
+    with pytest.raises(NotOpenError, match="not started"):
+        await lm.write(agent, "k", 1)
+    with pytest.raises(NotOpenError, match="not started"):
+        await lm.read(agent, "k")
+    await lm.close()  # closing a manager never started releases nothing
+    with pytest.raises(NotOpenError, match="closed"):
+        await lm.flush_agent(agent)
+    with pytest.raises(NotOpenError, match="started once"):
+        await lm.start()
+    assert isinstance(NotOpenError("x"), RuntimeError)
+
+
+def test_listeners_must_be_callable() -> None:
+    lm = StateLifecycleManager(None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidOptionError, match="listener"):
+        lm.on_transition("print")  # type: ignore[arg-type]

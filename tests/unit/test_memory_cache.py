@@ -7,6 +7,7 @@ import random
 import pytest
 
 from msstore import InvalidKeyError, NotFoundError
+from msstore.errors import InvalidOptionError
 from msstore.layers import InvalidValueError, MemoryCache
 from msstore.router import Hit
 from tests.fakes import FakeClock
@@ -139,8 +140,15 @@ def test_bad_ttl_is_a_typed_error_and_keeps_the_old_value(ttl: object) -> None:
 
 @pytest.mark.parametrize("size", [0, -1, 1.5, True])
 def test_bad_bound_is_a_typed_error(size: object) -> None:
-    with pytest.raises(InvalidValueError, match="max_entries"):
+    with pytest.raises(InvalidOptionError, match="max_entries"):
         MemoryCache(max_entries=size)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("options", [{"ttl": 0}, {"ttl": "10"}, {"ttl": float("inf")},
+                                     {"clock": "monotonic"}])
+def test_bad_constructor_options_are_invalid_options(options: dict[str, object]) -> None:
+    with pytest.raises(InvalidOptionError, match=next(iter(options))):
+        MemoryCache(**options)  # type: ignore[arg-type]
 
 
 async def test_async_contract_round_trip_remove_search(clock: FakeClock) -> None:
@@ -164,5 +172,5 @@ async def test_search_refuses_non_text_queries_and_bad_limits() -> None:
     cache = MemoryCache()
     with pytest.raises(InvalidValueError, match="key prefix"):
         await cache.search({"a": 1})
-    with pytest.raises(InvalidValueError, match="limit"):
+    with pytest.raises(InvalidOptionError, match="limit"):
         await cache.search("", limit=0)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 import msstore
+from msstore.errors import InvalidOptionError, NotOpenError
 from msstore.repository import Agent, AgentRepository, PendingWritesError, Repository
 
 AID = uuid.UUID("6f1c0000-0000-4000-8000-000000000001")
@@ -144,7 +145,7 @@ def test_repository_options_are_checked_before_any_io() -> None:
     ms: Any = object()  # never touched: validation happens first
     for bad in ({"batch_size": 0}, {"max_retries": -1}, {"base_backoff": 0},
                 {"ttl": -5}, {"max_pending": True}):
-        with pytest.raises(msstore.InvalidValueError):
+        with pytest.raises(InvalidOptionError):
             AgentRepository(ms, **bad)
     with pytest.raises(msstore.InvalidKeyError):
         AgentRepository(ms, bucket="agents.v1")
@@ -152,7 +153,7 @@ def test_repository_options_are_checked_before_any_io() -> None:
 
 async def test_methods_refuse_to_run_before_start() -> None:
     repo = AgentRepository(object())  # type: ignore[arg-type]
-    with pytest.raises(RuntimeError, match="async with AgentRepository"):
+    with pytest.raises(NotOpenError, match="async with AgentRepository"):
         await repo.save(Agent(AID, "x"))
     assert repo.pending == 0 and repo.failed == []
 
