@@ -29,10 +29,35 @@
                        ──▶ L1 entry with revision < r?  drop it
                        ──▶ latency sample: now - message timestamp;  seen_revision = r
 
+    FAILED WRITE  (put / invalidate raised: timeout, unavailable, cancelled)
+      the write may still land ──▶ drop L1[key]; the in-flight load of key may not install
+
+    NATS DISCONNECT / RECONNECT  (Connection.add_listener, from nats-py's callbacks)
+      disconnect ──▶ drop all of L1, epoch += 1, untrusted: no installs (finds go to L2)
+      reconnect  ──▶ drop all of L1 again, epoch += 1, wake the watch keeper (one task)
+                       │ unsubscribe the old watch; subscribe anew (deliver NEW), retrying
+                       │ until JetStream answers; reconnected again meanwhile? start over
+                       ▼
+                     epoch += 1, trusted: installs resume (loads begun before are refused)
+                       │ stream info: seen_revision = max(seen, last_seq): every revision
+                       ▼ up to it is in KV, or comes through the new watch
+                     waiters up to last_seq released
+
 Guarantee: once the watcher has processed revision ``r`` of a key (``wait_for_revision(r)``
 returns), :meth:`find` never returns a value of that key older than ``r``. A load that began
 before the notification cannot install its older value afterwards: installs are checked
 against the revisions notified while the load ran.
+
+Why the reconnect path: nats-py rebuilds an ordered consumer only after two missed idle
+heartbeats (5 s each), so without it another process' L1 served old values for 5–6 s after
+a NATS restart. Changes made while the watch was down are never replayed (deliver NEW), which
+is why L1 is emptied, and loads that began before the new watch existed may not install.
+Not covered: a silent network partition (no TCP reset) is noticed only when nats-py's pings
+fail, and L1 is trusted until then.
+
+Errors: everything a public method raises is an :class:`~msstore.errors.MsstoreError`
+(cancellation aside). NATS and PostgreSQL outages are :class:`StoreUnavailableError`,
+timeouts :class:`StoreTimeoutError`; a write that timed out may still be applied.
 
 What differs from the seed's pseudocode: L1 is bounded (LRU + TTL); concurrent misses share
 one load; the L2 repopulation is a compare-and-set, not a blind ``put``; L1s of other processes
@@ -56,21 +81,26 @@ import math
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
+import asyncpg
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
+from ._check import not_open, optional_seconds, positive_int, positive_seconds
 from .codec import dumps, loads
 from .errors import (
     InvalidKeyError,
+    InvalidOptionError,
     InvalidValueError,
+    MsstoreError,
     NotFoundError,
+    NotSerializableError,
     StoreTimeoutError,
     StoreUnavailableError,
 )
@@ -152,12 +182,19 @@ class _TierStats:
 
 
 class _Flight:
-    """One in-flight L2/L3 load; ``notified_rev`` is the highest change the watch reported."""
+    """One in-flight L2/L3 load; ``notified_rev`` is the highest change the watch reported.
 
-    __slots__ = ("notified_rev", "task")
+    ``epoch`` is the cache's trust epoch when the load began: a disconnect, reconnect or new
+    watch in between means changes may have gone unnotified, so the load must not install.
+    ``installable`` is cleared by a failed write of the key (it may land after our read).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("epoch", "installable", "notified_rev", "task")
+
+    def __init__(self, epoch: int) -> None:
         self.notified_rev = 0
+        self.epoch = epoch
+        self.installable = True
         self.task: asyncio.Task[CacheEntry[Any]] | None = None
 
 
@@ -165,20 +202,53 @@ class _LostRace(Exception):
     """The key was deleted in KV between our L3 read and the L2 repopulation."""
 
 
-def _positive(name: str, value: object, *, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 \
-            or math.isinf(value):
-        raise InvalidValueError(f"{name} must be a positive number of seconds"
-                                f"{' or None' if allow_none else ''}, got {value!r}")
-    return float(value)
+#: KV's answers the cache interprets itself; any other nats-py error is an outage
+_KV_ANSWERS: Final = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyWrongLastSequenceError)
+
+_MAY_LAND: Final = ("the write may still be applied once the server answers (its outcome is "
+                    "unknown): read the key back before assuming it was not")
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+@contextlib.contextmanager
+def _nats(what: str, *, write: bool = False) -> Iterator[None]:
+    """``kv.nats_errors`` plus: other KV answers are errors too; timed-out writes may land."""
+    try:
+        with _nats_errors(what):
+            yield
+    except _KV_ANSWERS:
+        raise
+    except nats.js.errors.KeyValueError as e:
+        raise StoreUnavailableError(f"NATS KV refused to {what}: {e!r}") from e
+    except StoreTimeoutError as e:
+        if not write:
+            raise
+        raise StoreTimeoutError(f"{e}; {_MAY_LAND}") from e.__cause__
+
+
+#: PostgreSQL (asyncpg) errors that mean "not reachable now", not "wrong request"
+_PG_LOST: Final = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+                   asyncpg.exceptions.OperatorInterventionError)
+
+
+@contextlib.contextmanager
+def _l3(repository: object, what: str, *, write: bool = False) -> Iterator[None]:
+    """Errors of the L3 repository as msstore's: its own pass, asyncpg's are translated.
+
+    Anything else it raises (a bug, a foreign library) becomes a plain :class:`MsstoreError`
+    with the original as its cause, so callers need one ``except``.
+    """
+    name = type(repository).__name__
+    try:
+        yield
+    except MsstoreError:
+        raise
+    except (TimeoutError, asyncpg.QueryCanceledError) as e:
+        raise StoreTimeoutError(f"L3 {name} did not answer in time to {what}: {e!r}"
+                                f"{'; ' + _MAY_LAND if write else ''}") from e
+    except _PG_LOST as e:
+        raise StoreUnavailableError(f"L3 {name} cannot reach PostgreSQL to {what}: {e!r}") from e
+    except Exception as e:
+        raise MsstoreError(f"L3 {name} failed to {what}: {e!r}") from e
 
 
 def _default_to_dict(entity: Any) -> Any:
@@ -210,6 +280,9 @@ class TieredCacheRepository(Generic[T]):
 
     ``ms=None`` with an explicit ``kv`` runs without a watch (unit tests): L1 is then
     coherent only through its TTL and this process' own writes.
+
+    With ``ms``, the cache listens to the connection: L1 is emptied when NATS disconnects
+    and again when it reconnects, and the watch is rebuilt at once (see the module docs).
     """
 
     def __init__(self, ms: Connection | None, repository: Finder[T], *,
@@ -226,20 +299,22 @@ class TieredCacheRepository(Generic[T]):
                  latency_sample_every: int = 64, max_samples: int = 100_000,
                  max_load_attempts: int = 3) -> None:
         if ms is None and kv is None:
-            raise InvalidValueError("TieredCacheRepository needs a connection (ms) or a kv "
-                                    "bucket; pass ms=await msstore.connect()")
+            raise InvalidOptionError("TieredCacheRepository needs a connection (ms) or a kv "
+                                     "bucket; pass ms=await msstore.connect()")
         self.ms = ms
         self.repository = repository
         self.bucket = check_bucket_name(bucket)
         self.key_prefix = encode_token(key_prefix)
-        self.l1_max_entries = _positive_int("l1_max_entries", l1_max_entries)
-        self.l1_ttl = _positive("l1_ttl", l1_ttl, allow_none=True)
-        self.kv_ttl = _positive("kv_ttl", kv_ttl, allow_none=True)
-        self.evict_interval = _positive("evict_interval", evict_interval, allow_none=True) \
+        self.l1_max_entries = positive_int("l1_max_entries", l1_max_entries)
+        self.l1_ttl = optional_seconds("l1_ttl", l1_ttl)
+        self.kv_ttl = optional_seconds("kv_ttl", kv_ttl)
+        self.evict_interval = optional_seconds("evict_interval", evict_interval) \
             or min(self.l1_ttl or 60.0, 60.0) / 2
-        self.latency_sample_every = _positive_int("latency_sample_every", latency_sample_every)
-        self.max_load_attempts = _positive_int("max_load_attempts", max_load_attempts)
-        _positive_int("max_samples", max_samples)
+        self.latency_sample_every = positive_int("latency_sample_every", latency_sample_every)
+        self.max_load_attempts = positive_int("max_load_attempts", max_load_attempts)
+        positive_int("max_samples", max_samples)
+        if not callable(clock):
+            raise InvalidOptionError(f"clock must be a callable returning seconds, got {clock!r}")
         self._to_dict: Callable[[T], Any] = to_dict or _default_to_dict
         if from_dict is not None:
             self._from_dict: Callable[[Any], Any] = from_dict
@@ -248,9 +323,9 @@ class TieredCacheRepository(Generic[T]):
         elif dataclasses.is_dataclass(entity_type):
             self._from_dict = lambda data: entity_type(**data)
         else:
-            raise InvalidValueError(
-                f"entity_type {entity_type.__name__} is not a dataclass: pass from_dict= "
-                "(and to_dict=) to say how it is stored as JSON")
+            raise InvalidOptionError(
+                f"entity_type {getattr(entity_type, '__name__', entity_type)!r} is not a "
+                "dataclass: pass from_dict= (and to_dict=) to say how it is stored as JSON")
         self._id_of = id_of or (lambda entity: entity.id)  # type: ignore[attr-defined]
         self._kv: KVBucket | None = kv
         self._watch = watch and ms is not None
@@ -266,7 +341,9 @@ class TieredCacheRepository(Generic[T]):
         self.invalidation_samples: deque[tuple[int, float, bool]] = deque(maxlen=max_samples)
         self.counters: dict[str, int] = dict.fromkeys(
             ("coalesced", "not_found", "errors", "loads", "stale_loads", "evictions",
-             "expirations", "notifications", "invalidations", "puts", "kv_races"), 0)
+             "expirations", "notifications", "invalidations", "puts", "kv_races",
+             # disconnect/reconnect: L1 emptied, watches rebuilt; writes whose outcome is unknown
+             "l1_resets", "rewatches", "failed_writes"), 0)
         #: the most entries L1 ever held (never above ``l1_max_entries``)
         self.l1_high_water = 0
         self._seen_revision = 0
@@ -275,6 +352,13 @@ class TieredCacheRepository(Generic[T]):
         self._evictor: asyncio.Task[None] | None = None
         self._started = False
         self._closed = False
+        # L1 trust across NATS outages: installs need _trusted and an unchanged _epoch
+        self._epoch = 0
+        self._trusted = True
+        self._connected = True
+        self._unlisten: Callable[[], None] | None = None
+        self._reconnected = asyncio.Event()
+        self._keeper: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -287,24 +371,34 @@ class TieredCacheRepository(Generic[T]):
         return cache
 
     async def start(self) -> None:
-        """Open the bucket, start the watch (before any read) and the background evictor."""
-        if self._started:
-            raise RuntimeError("cannot start a TieredCacheRepository twice")
+        """Open the bucket, start the watch (before any read) and the background evictor.
+
+        Listens to the connection first, so an outage during start is not missed. If start
+        fails, the cache is left unstarted (start may be retried).
+        """
+        if self._started or self._closed:
+            raise not_open("this TieredCacheRepository",
+                           "closed" if self._closed else "already started",
+                           "start() runs once per cache; create a new one")
         self._started = True
-        if self._kv is None:
-            assert self.ms is not None
-            with _nats_errors(f"opening bucket {self.bucket!r}"):
-                self._kv = await ensure_bucket(
-                    self.ms.js, self.bucket, ttl=self.kv_ttl,
-                    description="msstore tiered cache (L2)")
-        if self._watch:
-            assert self.ms is not None
-            with _nats_errors(f"watching bucket {self.bucket!r}"):
-                self._sub = await self.ms.js.subscribe(
-                    f"$KV.{self.bucket}.{self.key_prefix}.>", stream=f"KV_{self.bucket}",
-                    cb=self._on_change, ordered_consumer=True,
-                    deliver_policy=DeliverPolicy.NEW, headers_only=True,
-                    inactive_threshold=300.0)
+        try:
+            if self.ms is not None:
+                self._unlisten = self.ms.add_listener(on_disconnect=self._on_disconnect,
+                                                      on_reconnect=self._on_reconnect)
+            if self._kv is None:
+                assert self.ms is not None
+                with _nats(f"open bucket {self.bucket!r}"):
+                    self._kv = await ensure_bucket(
+                        self.ms.js, self.bucket, ttl=self.kv_ttl,
+                        description="msstore tiered cache (L2)")
+            if self._watch:
+                self._sub = await self._subscribe()
+                self._keeper = asyncio.create_task(self._keep_watch(),
+                                                   name=f"msstore-cache-watch-{self.bucket}")
+        except BaseException:
+            self._started = False
+            self._stop_listening()
+            raise
         self._evictor = asyncio.create_task(self._evict_loop(),
                                             name=f"msstore-cache-evict-{self.bucket}")
 
@@ -313,10 +407,12 @@ class TieredCacheRepository(Generic[T]):
         if self._closed:
             return
         self._closed = True
-        if self._evictor is not None:
-            self._evictor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._evictor
+        self._stop_listening()
+        for task in (self._evictor, self._keeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -328,6 +424,11 @@ class TieredCacheRepository(Generic[T]):
                 fut.set_exception(StoreUnavailableError("the cache was closed while waiting"))
         self._waiters.clear()
         self._l1.clear()
+
+    def _stop_listening(self) -> None:
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
 
     async def __aenter__(self) -> TieredCacheRepository[T]:
         if not self._started:
@@ -354,10 +455,24 @@ class TieredCacheRepository(Generic[T]):
         return join_key(self.key_prefix, self._key(id))
 
     def _encode(self, entity: T) -> bytes:
-        return dumps(self._to_dict(entity))
+        try:
+            data = self._to_dict(entity)
+        except MsstoreError:
+            raise
+        except Exception as e:  # the caller's to_dict: say which value and why
+            raise NotSerializableError(
+                f"to_dict failed on {type(entity).__name__} {entity!r:.80}: {e!r}") from e
+        return dumps(data)
 
-    def _decode(self, data: bytes | None) -> T:
-        value: T = self._from_dict(loads(data or b"null"))
+    def _decode(self, data: bytes | None, kkey: str) -> T:
+        try:
+            value: T = self._from_dict(loads(data or b"null"))
+        except MsstoreError:
+            raise
+        except Exception as e:  # not JSON, or JSON that from_dict / entity_type refuses
+            raise InvalidValueError(
+                f"the value of {kkey!r} in bucket {self.bucket!r} cannot be decoded: {e!r}; "
+                "another writer, or a changed entity_type/from_dict?") from e
         return value
 
     def _entry(self, value: T, source: CacheSource, revision: int) -> CacheEntry[T]:
@@ -368,8 +483,10 @@ class TieredCacheRepository(Generic[T]):
 
     def _check_kv(self) -> KVBucket:
         if self._kv is None or not self._started or self._closed:
-            raise RuntimeError("the cache is not open: use `async with TieredCacheRepository(…)`"
-                               " or `await TieredCacheRepository.open(…)`")
+            raise not_open("this TieredCacheRepository",
+                           "closed" if self._closed else "not open",
+                           "use `async with TieredCacheRepository(…)` or "
+                           "`await TieredCacheRepository.open(…)` (a closed one stays closed)")
         return self._kv
 
     # ---------------------------------------------------------------- reads
@@ -381,7 +498,10 @@ class TieredCacheRepository(Generic[T]):
             # the hit path: no await, lock, task or I/O; a str id is its own L1 key (any
             # other id misses here and takes _lookup, which converts it)
             l1: OrderedDict[object, CacheEntry[T]] = self._l1  # type: ignore[assignment]
-            entry = l1.get(id)
+            try:
+                entry = l1.get(id)
+            except TypeError:  # unhashable id: _lookup says what is wrong (no cost if not raised)
+                entry = None
             if entry is not None and entry.expires_at > self._clock():
                 l1.move_to_end(id)
                 mem.hits += 1
@@ -430,7 +550,7 @@ class TieredCacheRepository(Generic[T]):
         self._mem.misses += 1
         flight = self._flights.get(key)
         if flight is None:
-            flight = _Flight()
+            flight = _Flight(self._epoch)
             self._flights[key] = flight  # before the task runs: the watch must see it
             flight.task = asyncio.create_task(self._load(key, id, flight))
             flight.task.add_done_callback(_retrieve)
@@ -462,7 +582,8 @@ class TieredCacheRepository(Generic[T]):
                     self.counters["kv_races"] += 1
                     continue
                 if entry.revision >= flight.notified_rev:
-                    self._install(key, entry)
+                    if flight.installable and flight.epoch == self._epoch and self._trusted:
+                        self._install(key, entry)
                     return entry
                 self.counters["stale_loads"] += 1
             if entry is None:
@@ -479,7 +600,7 @@ class TieredCacheRepository(Generic[T]):
         kkey = join_key(self.key_prefix, key)
         last = 0
         try:
-            with _nats_errors(f"reading {kkey!r} from bucket {self.bucket!r}"):
+            with _nats(f"read {kkey!r} from bucket {self.bucket!r}"):
                 got = await kv.get(kkey)
         except nats.js.errors.KeyNotFoundError as e:
             self._kvs.misses += 1
@@ -487,29 +608,31 @@ class TieredCacheRepository(Generic[T]):
                 last = int(e.entry.revision)
         else:
             self._kvs.hits += 1
-            return self._entry(self._decode(got.value), CacheSource.KV, int(got.revision))
+            return self._entry(self._decode(got.value, kkey), CacheSource.KV, int(got.revision))
         try:
-            value = await self.repository.find(id)
+            with _l3(self.repository, f"find {key!r}"):
+                value = await self.repository.find(id)
         except NotFoundError:
             self._db.misses += 1
             raise
         self._db.hits += 1
         data = self._encode(value)
         try:
-            with _nats_errors(f"repopulating {kkey!r} in bucket {self.bucket!r}"):
+            # only repopulates L2 with what L3 holds, so a timeout here needs no L1 caution
+            with _nats(f"repopulate {kkey!r} in bucket {self.bucket!r}"):
                 revision = await kv.update(kkey, data, last=last)
         except nats.js.errors.KeyWrongLastSequenceError:
             pass  # someone wrote (or deleted) since our KV miss: theirs is newer than our read
         else:
             return self._entry(value, CacheSource.DB, int(revision))
         try:
-            with _nats_errors(f"re-reading {kkey!r} from bucket {self.bucket!r}"):
+            with _nats(f"re-read {kkey!r} from bucket {self.bucket!r}"):
                 got = await kv.get(kkey)
         except nats.js.errors.KeyNotFoundError as e:
             self._kvs.misses += 1
             raise _LostRace from e
         self._kvs.hits += 1
-        return self._entry(self._decode(got.value), CacheSource.KV, int(got.revision))
+        return self._entry(self._decode(got.value, kkey), CacheSource.KV, int(got.revision))
 
     def _install(self, key: str, entry: CacheEntry[T]) -> None:
         current = self._l1.get(key)
@@ -531,21 +654,36 @@ class TieredCacheRepository(Generic[T]):
         if flight is not None and revision > flight.notified_rev:
             flight.notified_rev = revision
 
+    def _write_failed(self, key: str) -> None:
+        """A write of ``key`` raised, but may still land: trust nothing we hold for it."""
+        self.counters["failed_writes"] += 1
+        self._l1.pop(key, None)
+        flight = self._flights.get(key)
+        if flight is not None:  # it may have read the value before the write lands
+            flight.installable = False
+
     async def put(self, id: EntityId, entity: T) -> int:
         """Write ``entity`` to L2 (blind put) and this process' L1; return the KV revision.
 
         Other processes drop their L1 copy when their watch sees the write. The caller keeps
-        L3 up to date (or uses :meth:`save`).
+        L3 up to date (or uses :meth:`save`). If the write raises (a timeout, an outage, a
+        cancel), it may still be applied: this process' L1 drops the key either way.
         """
         kv = self._check_kv()
         key = self._key(id)
         kkey = join_key(self.key_prefix, key)
         data = self._encode(entity)
-        with _nats_errors(f"writing {kkey!r} to bucket {self.bucket!r}"):
-            revision = int(await kv.put(kkey, data))
+        epoch = self._epoch
+        try:
+            with _nats(f"write {kkey!r} to bucket {self.bucket!r}", write=True):
+                revision = int(await kv.put(kkey, data))
+        except BaseException:
+            self._write_failed(key)
+            raise
         self.counters["puts"] += 1
         self._note_change(key, revision)
-        if revision >= self._seen_revision:  # else the watch may already be past a newer write
+        # the watch may be past a newer write (revision < seen), or was down meanwhile
+        if revision >= self._seen_revision and epoch == self._epoch and self._trusted:
             self._install(key, self._entry(entity, CacheSource.MEMORY, revision))
         else:
             self._l1.pop(key, None)
@@ -560,13 +698,17 @@ class TieredCacheRepository(Generic[T]):
         key = self._key(id)
         kkey = join_key(self.key_prefix, key)
         revision: int | None = None
-        with _nats_errors(f"deleting {kkey!r} from bucket {self.bucket!r}"):
-            if self.ms is not None:
-                ack = await self.ms.js.publish(f"$KV.{self.bucket}.{kkey}", b"",
-                                               headers={KV_OPERATION: "DEL"})
-                revision = int(ack.seq)
-            else:
-                await kv.delete(kkey)
+        try:
+            with _nats(f"delete {kkey!r} from bucket {self.bucket!r}", write=True):
+                if self.ms is not None:
+                    ack = await self.ms.js.publish(f"$KV.{self.bucket}.{kkey}", b"",
+                                                   headers={KV_OPERATION: "DEL"})
+                    revision = int(ack.seq)
+                else:
+                    await kv.delete(kkey)
+        except BaseException:
+            self._write_failed(key)
+            raise
         self._l1.pop(key, None)
         if revision is not None:
             self._note_change(key, revision)
@@ -582,20 +724,38 @@ class TieredCacheRepository(Generic[T]):
 
     async def save(self, entity: T) -> T:
         """``repository.save(entity)``, then :meth:`put` the saved entity (L2 + own L1)."""
-        saved: T = await self._repo_method("save")(entity)
-        await self.put(self._id_of(saved), saved)
+        saved: T = await self._write_through("save", entity)
+        await self.put(self._entity_id(saved), saved)
         return saved
 
     async def update(self, entity: T, *args: Any, **kwargs: Any) -> T:
         """``repository.update(entity, …)`` (its concurrency check), then :meth:`put`."""
-        saved: T = await self._repo_method("update")(entity, *args, **kwargs)
-        await self.put(self._id_of(saved), saved)
+        saved: T = await self._write_through("update", entity, *args, **kwargs)
+        await self.put(self._entity_id(saved), saved)
         return saved
 
     async def delete(self, id: EntityId) -> None:
         """``repository.delete(id)``, then :meth:`invalidate` it in every process."""
-        await self._repo_method("delete")(id)
+        self._key(id)
+        await self._write_through("delete", id)
         await self.invalidate(id)
+
+    async def _write_through(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call L3's ``name``, checked open first: never an L3 write the cache cannot follow.
+
+        If it fails, L2 still holds the old value, so dropping L1 would change nothing.
+        """
+        self._check_kv()
+        method = self._repo_method(name)
+        with _l3(self.repository, name, write=True):
+            return await method(*args, **kwargs)
+
+    def _entity_id(self, entity: T) -> EntityId:
+        try:
+            return self._id_of(entity)
+        except Exception as e:
+            raise InvalidValueError(
+                f"cannot take the id of {type(entity).__name__}: {e!r}; pass id_of=") from e
 
     def _repo_method(self, name: str) -> Callable[..., Any]:
         method = getattr(self.repository, name, None)
@@ -626,6 +786,9 @@ class TieredCacheRepository(Generic[T]):
             self.counters["invalidations"] += 1
         latency = time.time() - meta.timestamp.timestamp()
         self.invalidation_samples.append((revision, latency, dropped))
+        self._advance_seen(revision)
+
+    def _advance_seen(self, revision: int) -> None:
         if revision > self._seen_revision:
             self._seen_revision = revision
             if self._waiters:
@@ -638,6 +801,77 @@ class TieredCacheRepository(Generic[T]):
                         still.append((rev, fut))
                 self._waiters = still
 
+    # ---------------------------------------------------------------- NATS outages
+
+    def _distrust(self) -> None:
+        """Empty L1 and refuse installs until the watch is known to be live again."""
+        self._trusted = False
+        self._epoch += 1
+        if self._l1:
+            self._l1.clear()
+            self.counters["l1_resets"] += 1
+
+    def _on_disconnect(self) -> None:
+        """Connection listener: changes may now go unnotified, so L1 is no longer trusted."""
+        self._connected = False
+        self._distrust()
+
+    def _on_reconnect(self) -> None:
+        """Connection listener: drop what L1 got meanwhile, rebuild the watch now."""
+        self._connected = True
+        self._distrust()
+        if not self._watch:  # no watch to rebuild: L1 is TTL-coherent only, as before
+            self._epoch += 1
+            self._trusted = True
+        else:
+            self._reconnected.set()
+
+    async def _subscribe(self) -> Any:
+        assert self.ms is not None
+        with _nats(f"watch bucket {self.bucket!r}"):
+            return await self.ms.js.subscribe(
+                f"$KV.{self.bucket}.{self.key_prefix}.>", stream=f"KV_{self.bucket}",
+                cb=self._on_change, ordered_consumer=True,
+                deliver_policy=DeliverPolicy.NEW, headers_only=True,
+                inactive_threshold=300.0)
+
+    async def _keep_watch(self) -> None:
+        """Rebuild the watch after each reconnect; one task, so reconnects never overlap.
+
+        nats-py would rebuild it only after two missed heartbeats (~10 s); a new subscription
+        starts delivering at once. The old one is dropped first so no consumer is left over.
+        """
+        assert self.ms is not None
+        while True:
+            await self._reconnected.wait()
+            self._reconnected.clear()
+            old, self._sub = self._sub, None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.unsubscribe()
+            delay = 0.05
+            while True:
+                try:
+                    sub = await self._subscribe()
+                    break
+                except MsstoreError as e:  # JetStream may need a moment after a restart
+                    log.info("cache %s: watch not rebuilt yet (%s); retrying", self.bucket, e)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+            self._sub = sub
+            if self._reconnected.is_set() or not self._connected:
+                continue  # an outage came meanwhile: this watch may have missed changes
+            self._epoch += 1
+            self._trusted = True
+            self.counters["rewatches"] += 1
+            try:  # every revision up to last_seq is in KV or comes through the new watch
+                with _nats(f"read the state of stream KV_{self.bucket}"):
+                    info = await self.ms.js.stream_info(f"KV_{self.bucket}")
+                self._advance_seen(int(info.state.last_seq))
+            except MsstoreError as e:  # waiters then wait for the next change instead
+                log.warning("cache %s: watch rebuilt, stream state unknown (%s)",
+                            self.bucket, e)
+
     @property
     def seen_revision(self) -> int:
         """The highest KV revision of this cache's keys the watch has processed."""
@@ -646,7 +880,9 @@ class TieredCacheRepository(Generic[T]):
     async def wait_for_revision(self, revision: int, within: float = 10.0) -> None:
         """Return once the watch has processed ``revision`` (the result of a put elsewhere)."""
         if not self._watch:
-            raise InvalidValueError("this cache has no watch (ms=None or watch=False)")
+            raise InvalidOptionError("this cache has no watch (ms=None or watch=False)")
+        positive_seconds("within", within)
+        self._check_kv()
         if self._seen_revision >= revision:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Generator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Final
@@ -32,6 +32,48 @@ from .services import Endpoints
 
 log = logging.getLogger("msstore")
 
+Listener = Callable[[], object]
+
+
+class _Listeners:
+    """Fan-out of nats-py's single ``disconnected_cb``/``reconnected_cb`` to many components.
+
+    nats-py awaits these callbacks inside its reconnect task, so listeners are plain sync
+    functions: they must return at once (start a task for anything that does I/O). A listener
+    that raises is logged and does not stop the others or the reconnect.
+    """
+
+    def __init__(self) -> None:
+        self._disconnect: list[Listener] = []
+        self._reconnect: list[Listener] = []
+
+    def add(self, on_disconnect: Listener | None, on_reconnect: Listener | None
+            ) -> Callable[[], None]:
+        pairs = [(lst, fn) for lst, fn in ((self._disconnect, on_disconnect),
+                                          (self._reconnect, on_reconnect)) if fn is not None]
+        for lst, fn in pairs:
+            lst.append(fn)
+
+        def remove() -> None:
+            for lst, fn in pairs:
+                with contextlib.suppress(ValueError):  # removing twice is harmless
+                    lst.remove(fn)
+        return remove
+
+    @staticmethod
+    def _dispatch(what: str, listeners: list[Listener]) -> None:
+        for fn in list(listeners):  # a listener may remove itself
+            try:
+                fn()
+            except Exception:
+                log.exception("NATS %s listener %r failed", what, fn)
+
+    async def disconnected(self) -> None:
+        self._dispatch("disconnect", self._disconnect)
+
+    async def reconnected(self) -> None:
+        self._dispatch("reconnect", self._reconnect)
+
 
 @dataclass
 class Connection:
@@ -41,6 +83,17 @@ class Connection:
     nc: NATS
     js: JetStreamContext
     endpoints: Endpoints
+    _listeners: _Listeners = field(default_factory=_Listeners, repr=False, compare=False)
+
+    def add_listener(self, *, on_disconnect: Listener | None = None,
+                     on_reconnect: Listener | None = None) -> Callable[[], None]:
+        """Call ``on_disconnect()``/``on_reconnect()`` when the NATS client loses/regains its
+        server; return a function that removes them.
+
+        Both are sync and must not block (nats-py runs them inside its reconnect loop); also
+        ``on_disconnect`` runs once more when the connection is closed.
+        """
+        return self._listeners.add(on_disconnect, on_reconnect)
 
     @property
     def database_url(self) -> str:
@@ -105,6 +158,7 @@ async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool
             f"is it running? (check `msstore status`, or {services.DATABASE_URL_ENV})"
         ) from e
     nc = NATS()
+    listeners = _Listeners()
     try:
         # Unlimited reconnects keep a running app alive through a NATS restart, but nats-py
         # applies the same setting to the *first* connect and would retry forever: bound it.
@@ -112,7 +166,9 @@ async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool
             nc.connect(endpoints.nats_url, connect_timeout=max(1, int(connect_timeout / 2)),
                        max_reconnect_attempts=-1,
                        reconnect_time_wait=0.5,  # type: ignore[arg-type]  # typed int, is float
-                       error_cb=_log_nats_error),
+                       error_cb=_log_nats_error,
+                       disconnected_cb=listeners.disconnected,
+                       reconnected_cb=listeners.reconnected),
             timeout=connect_timeout,
         )
     except Exception as e:
@@ -124,7 +180,7 @@ async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool
             f"is it running? (check `msstore status`, or {services.NATS_URL_ENV})"
         ) from e
     js = nc.jetstream()
-    conn = Connection(pool, nc, js, endpoints)
+    conn = Connection(pool, nc, js, endpoints, listeners)
     try:
         await js.account_info()
     except Exception as e:

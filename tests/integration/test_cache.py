@@ -16,6 +16,7 @@ import pytest
 
 import msstore
 from msstore.cache import CacheSource, TieredCacheRepository
+from msstore.errors import InvalidOptionError, NotOpenError
 from msstore.repository import Agent, AgentRepository
 
 
@@ -285,3 +286,20 @@ async def test_waiting_for_a_revision_never_seen_times_out_and_leaves_no_waiter(
         with pytest.raises(msstore.StoreTimeoutError, match="did not see revision 1000000"):
             await c.wait_for_revision(1_000_000, within=0.05)
         assert c._waiters == []
+
+
+async def test_a_closed_cache_raises_not_open_and_leaves_l3_alone(
+        ms: msstore.Connection, repo: AgentRepository, unique: Callable[[str], str]) -> None:
+    agent = await new_agent(repo, i=0)
+    cache = await TieredCacheRepository.open(ms, repo, bucket=unique("cache"), entity_type=Agent)
+    assert (await cache.find(agent.id)) == agent
+    await cache.close()
+    for call in (lambda: cache.find(agent.id), lambda: cache.wait_for_revision(1),
+                 lambda: cache.save(agent.replace(metadata={"i": 1})),
+                 lambda: cache.invalidate(agent.id)):
+        with pytest.raises(NotOpenError, match="closed"):
+            await call()  # type: ignore[operator]
+    assert (await repo.find(agent.id)).metadata == {"i": 0}
+    with pytest.raises(InvalidOptionError, match="within"):
+        async with TieredCacheRepository(ms, repo, bucket=unique("cache")) as fresh:
+            await fresh.wait_for_revision(1, within=0)
