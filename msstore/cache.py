@@ -92,7 +92,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
-from ._check import not_open, optional_seconds, positive_int, positive_seconds
+from ._check import non_negative_int, not_open, optional_seconds, positive_int, positive_seconds
 from .codec import dumps, loads
 from .errors import (
     InvalidKeyError,
@@ -535,7 +535,7 @@ class TieredCacheRepository(Generic[T]):
 
     def peek_entry(self, id: EntityId) -> CacheEntry[T] | None:
         """The live L1 entry (``source`` = where its value came from) or ``None``."""
-        entry = self._l1.get(id if type(id) is str else self._key(id))
+        entry = self._l1.get(id if type(id) is str and id else self._key(id))
         if entry is None or entry.expires_at <= self._clock():
             return None
         return entry
@@ -882,6 +882,7 @@ class TieredCacheRepository(Generic[T]):
         if not self._watch:
             raise InvalidOptionError("this cache has no watch (ms=None or watch=False)")
         positive_seconds("within", within)
+        non_negative_int("revision", revision)
         self._check_kv()
         if self._seen_revision >= revision:
             return

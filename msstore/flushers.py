@@ -358,7 +358,10 @@ class StreamFlusher(Flusher):
         except nats.js.errors.NotFoundError:
             return not self._old  # an old log, drained and deleted
         floor = ci.ack_floor.stream_seq if ci.ack_floor else 0
-        return bool((floor >= last or not _unacked(ci)) and not self._old)
+        done = bool((floor >= last or not _unacked(ci)) and not self._old)
+        if done:
+            await self._refresh()  # the backlog estimate behind backpressure, now
+        return done
 
     # ---------------------------------------------------------------- draining
 
@@ -392,7 +395,6 @@ class StreamFlusher(Flusher):
         while not self.worker.stopping:
             msgs: list[Msg] = []
             ci = await self._consumer(ref)
-            print("DRAIN", ref.name, ci.num_pending, ci.num_ack_pending, ci.delivered, flush=True)
             if not _unacked(ci):
                 break  # nothing waiting, nothing in flight: no fetch to sit through
             while len(msgs) < size:  # a fetch can stop at its deadline: top the batch up
@@ -404,7 +406,6 @@ class StreamFlusher(Flusher):
                     want = min(want, int(ci.num_pending))
                 got = await puller.pull(want, wait=not ci.num_pending,
                                         expires=self.s.fetch_timeout)
-                print("GOT", len(got), want, flush=True)
                 if not got:
                     break
                 msgs += got

@@ -13,9 +13,7 @@ called from a table of arguments per method name (a method missing from the tabl
 * ``nats-down`` — a private nats-server killed with ``kill -9``.
 
 Each call is bounded by ``asyncio.timeout(CALL_TIMEOUT)``; the timeout expiring means the call
-hung, which fails like an untyped exception. Calls of HybridStateManager and
-TieredCacheRepository that still fail on this branch are listed in :data:`KNOWN_UNTYPED` (being
-fixed on other branches): delete entries as they are fixed. Every other call must be typed.
+hung, which fails like an untyped exception. Every call must be typed.
 """
 
 from __future__ import annotations
@@ -64,67 +62,13 @@ from tests.integration.conftest import kill9, private_nats_url
 
 CALL_TIMEOUT = 8.0  # seconds; each call is bounded by it: expiring means the call hung
 
-#: Calls that still raise an untyped exception (or hang) on this branch, as ``situation:call``.
-#: HybridStateManager (hybrid.py) and TieredCacheRepository (cache.py) are being fixed on other
-#: branches: delete the entries (then this set) once those land. Nothing else may be added.
-KNOWN_UNTYPED: frozenset[str] = frozenset({
-    "after:HybridStateManager.flush",  # RuntimeError (not NotOpenError)
-    "after:HybridStateManager.purge_tombstones",  # returned 0 instead of raising
-    "after:HybridStateManager.read_state",  # RuntimeError (not NotOpenError)
-    "after:HybridStateManager.remove_state",  # RuntimeError (not NotOpenError)
-    "after:HybridStateManager.start",  # RuntimeError (not NotOpenError)
-    "after:HybridStateManager.write_state",  # RuntimeError (not NotOpenError)
-    "after:TieredCacheRepository.delete",  # RuntimeError (not NotOpenError)
-    "after:TieredCacheRepository.find",  # RuntimeError (not NotOpenError)
-    "after:TieredCacheRepository.find_entry",  # RuntimeError (not NotOpenError)
-    "after:TieredCacheRepository.invalidate",  # RuntimeError (not NotOpenError)
-    "after:TieredCacheRepository.put",  # RuntimeError (not NotOpenError)
-    "after:TieredCacheRepository.save",  # RuntimeError (not NotOpenError)
-    "after:TieredCacheRepository.start",  # RuntimeError (not NotOpenError)
-    "after:TieredCacheRepository.update",  # ConflictError: delegates to the repository unopened
-    "after:TieredCacheRepository.wait_for_revision",  # StoreTimeoutError: waits, no check
-    "bad:HybridStateManager.__init__[0]",  # ValueError (not InvalidOptionError)
-    "bad:HybridStateManager.__init__[1]",  # ValueError (not InvalidOptionError)
-    "bad:HybridStateManager.open[0]",  # ValueError (not InvalidOptionError)
-    "bad:HybridStateManager.open[1]",  # ValueError (not InvalidOptionError)
-    "bad:HybridStateManager.open[2]",  # sql_timeout=-1 accepted
-    "bad:HybridStateManager.remove_state[0]",  # TypeError from join_key (not InvalidKeyError)
-    "bad:TieredCacheRepository.__init__[0]",  # InvalidValueError (not InvalidOptionError)
-    "bad:TieredCacheRepository.open[0]",  # InvalidValueError (not InvalidOptionError)
-    "bad:TieredCacheRepository.open[1]",  # InvalidValueError (not InvalidOptionError)
-    "bad:TieredCacheRepository.peek_entry[0]",  # returned None instead of raising
-    "bad:TieredCacheRepository.wait_for_revision[0]",  # returned None instead of raising
-    "bad:TieredCacheRepository.wait_for_revision[1]",  # StoreTimeoutError: waits, no check
-    "before:HybridStateManager.flush",  # RuntimeError (not NotOpenError)
-    "before:HybridStateManager.purge_tombstones",  # returned 0 instead of raising
-    "before:HybridStateManager.read_state",  # RuntimeError (not NotOpenError)
-    "before:HybridStateManager.remove_state",  # RuntimeError (not NotOpenError)
-    "before:HybridStateManager.write_state",  # RuntimeError (not NotOpenError)
-    "before:TieredCacheRepository.delete",  # RuntimeError (not NotOpenError)
-    "before:TieredCacheRepository.find",  # RuntimeError (not NotOpenError)
-    "before:TieredCacheRepository.find_entry",  # RuntimeError (not NotOpenError)
-    "before:TieredCacheRepository.invalidate",  # RuntimeError (not NotOpenError)
-    "before:TieredCacheRepository.put",  # RuntimeError (not NotOpenError)
-    "before:TieredCacheRepository.save",  # RuntimeError (not NotOpenError)
-    "before:TieredCacheRepository.update",  # ConflictError: delegates to the repository unopened
-    "before:TieredCacheRepository.wait_for_revision",  # StoreTimeoutError: waits, no check
-    "closed:HybridStateManager.start",  # RuntimeError (not NotOpenError)
-    "closed:TieredCacheRepository.start",  # RuntimeError (not NotOpenError)
-    "nats-down:HybridStateManager.start",  # RuntimeError (not NotOpenError)
-    "nats-down:TieredCacheRepository.start",  # RuntimeError (not NotOpenError)
-    "pg-down:HybridStateManager.start",  # RuntimeError (not NotOpenError)
-    "pg-down:TieredCacheRepository.start",  # RuntimeError (not NotOpenError)
-})
-
-#: Owners of the classes KNOWN_UNTYPED may name.
-ELSEWHERE = ("HybridStateManager.", "TieredCacheRepository.")
 
 #: Calls that need no server and no open state: they may succeed before open and after close.
 IN_MEMORY: dict[str, set[str]] = {
     "StateLifecycleManager": {"state", "dirty", "transitions", "transitions_frame",
                               "on_transition", "close"},
     "AgentRepository": {"kv_key", "stats", "pending", "failed", "close"},
-    "HybridStateManager": {"backlog", "counters", "metrics", "close"},
+    "HybridStateManager": {"backlog", "counters", "metrics", "last_error", "close"},
     "TieredCacheRepository": {"calls", "clear_l1", "evict", "evict_expired", "kv_key", "peek",
                               "peek_entry", "samples", "seen_revision", "stats",
                               "invalidation_latencies", "close"},
@@ -213,7 +157,7 @@ def good_calls(cls: str, c: Ctx) -> dict[str, list[Call]]:
         "HybridStateManager": {
             "write_state": one(a, "k", 1), "read_state": one(a, "k"),
             "remove_state": one(a, "k"), "flush": one(), "backlog": one(), "counters": one(),
-            "metrics": one(), "purge_tombstones": one(),
+            "metrics": one(), "purge_tombstones": one(), "last_error": one(),
             "open": one(ms, bucket=c.unique("hsm"), **FAST_HSM), "start": one(),
             "close": one()},
         "TieredCacheRepository": {
@@ -560,7 +504,7 @@ async def call_everything(situation: str, objects: dict[str, Any], c: Ctx,
 
 def check(outcomes: list[Outcome], expect: Callable[[Outcome], type[BaseException] | None]
           ) -> None:
-    """Each outcome typed (and of the expected class where one is given), or in KNOWN_UNTYPED.
+    """Each outcome typed (and of the expected class where one is given).
 
     ``expect(o)`` names the class the call must raise, or None: "may succeed, and if it
     raises, an MsstoreError". A hang always fails.
@@ -574,7 +518,7 @@ def check(outcomes: list[Outcome], expect: Callable[[Outcome], type[BaseExceptio
             ok = wanted is None
         else:
             ok = isinstance(o.error, wanted or MsstoreError)
-        if not ok and o.id not in KNOWN_UNTYPED:
+        if not ok:
             failures.append(o.describe() + (f"  (expected {wanted.__name__})" if wanted else ""))
     assert not failures, "untyped or unexpected outcomes:\n" + "\n".join(failures)
 
@@ -586,11 +530,6 @@ def name_of(o: Outcome) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------- the tests
-
-
-def test_known_untyped_only_names_classes_fixed_elsewhere() -> None:
-    for entry in KNOWN_UNTYPED:
-        assert entry.split(":", 1)[1].startswith(ELSEWHERE), entry
 
 
 async def test_the_tables_cover_every_public_method(ms: msstore.Connection,

@@ -177,7 +177,7 @@ async def test_a_fresh_manager_drains_the_old_log_and_lands_the_new_incarnations
         for i in range(20):
             acked[f"k{i}"] = (50 + i, await hsm.write_state(agent, f"k{i}", 50 + i))
         hsm.close_timeout = None
-        hsm._state = hsm._state.CLOSED  # "killed": close() flushes nothing  # noqa: SLF001
+        hsm._state = hsm._state.CLOSED  # "killed": close() flushes nothing
         assert hsm._flusher is not None
         await hsm._flusher.close()
     epoch = await recreate(ms, bucket)
