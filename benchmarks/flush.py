@@ -150,7 +150,7 @@ async def run(ms: msstore.Connection, p: dict[str, int], *, bar: bool = True
                     # the timed flush must have done all the work: nothing flushed in advance
                     early[variant].append(n - (after["rows_flushed"] - before["rows_flushed"]))
                     # let a trailing drain finish before the next setup writes
-                    await asyncio.sleep(hsm.fetch_timeout + 0.1)
+                    await asyncio.sleep(hsm.settings.fetch_timeout + 0.1)
                 pb.update()
             for f in ("dirty-set", "stream"):
                 cmp_seed[f].add(times[f], times["seed"])

@@ -4,24 +4,30 @@ The public surface is small on purpose; everything else lives in the module name
 pattern (``msstore.keys``, ``msstore.migrations``, ``msstore.services`` …).
 """
 
+from importlib import metadata as _metadata
+
 from .cache import CacheEntry, CacheSource, TieredCacheRepository
 from .codec import dumps, loads
 from .connection import Connection, connect
 from .errors import (
     BackpressureError,
     ConflictError,
+    DataRejectedError,
     IllegalTransitionError,
     InvalidAgentIdError,
     InvalidKeyError,
+    InvalidOptionError,
     InvalidValueError,
     MigrationChecksumError,
     MigrationError,
     MsstoreError,
     NotFoundError,
+    NotOpenError,
     NotSerializableError,
     PendingWritesError,
     RoutingError,
     ServiceError,
+    StoreError,
     StoreTimeoutError,
     StoreUnavailableError,
     ValueTooLargeError,
@@ -39,10 +45,14 @@ from .layers import (
     VectorStore,
 )
 from .lifecycle import LifecycleState, StateLifecycleManager
+from .merge import MergeResult
 from .repository import Agent, AgentRepository, Repository
 from .router import DataRouter, DataStorage, DataType, Hit, StorageLayer, Store
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("msstore")
+except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Agent",
@@ -52,6 +62,7 @@ __all__ = [
     "CacheSource",
     "ConflictError",
     "Connection",
+    "DataRejectedError",
     "DataRouter",
     "DataStorage",
     "DataType",
@@ -62,15 +73,18 @@ __all__ = [
     "IllegalTransitionError",
     "InvalidAgentIdError",
     "InvalidKeyError",
+    "InvalidOptionError",
     "InvalidValueError",
     "KVStore",
     "LifecycleState",
     "MemoryCache",
+    "MergeResult",
     "MessageLogStore",
     "MigrationChecksumError",
     "MigrationError",
     "MsstoreError",
     "NotFoundError",
+    "NotOpenError",
     "NotSerializableError",
     "PendingWritesError",
     "Repository",
@@ -80,6 +94,7 @@ __all__ = [
     "StateLifecycleManager",
     "StorageLayer",
     "Store",
+    "StoreError",
     "StoreTimeoutError",
     "StoreUnavailableError",
     "TaskStore",

@@ -55,14 +55,6 @@ class InvalidOptionError(MsstoreError, ValueError):
     """A constructor or method option is out of range or of the wrong type."""
 
 
-class ChangesLostError(MsstoreError):
-    """Acknowledged changes can no longer reach PostgreSQL; ``lost`` says how many."""
-
-    def __init__(self, message: str, lost: int) -> None:
-        super().__init__(message)
-        self.lost = lost
-
-
 class NotFoundError(MsstoreError, LookupError):
     """The key, agent or row does not exist."""
 
@@ -125,7 +117,6 @@ class DataRejectedError(InvalidValueError):
 
 __all__ = [
     "BackpressureError",
-    "ChangesLostError",
     "ConflictError",
     "DataRejectedError",
     "IllegalTransitionError",
