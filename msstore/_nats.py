@@ -14,13 +14,15 @@ and gets a new log, while the old one is drained and deleted. Each logged messag
 subject and headers; ``Nats-Stream-Source`` carries the KV revision (``"KV_b 42 …"``).
 
 Hydration writes carry ``Msstore-Hydrated``: they copy what PostgreSQL or the log already hold,
-so the flushers skip them.
+so the flushers skip them (and NATS 2.9 does not even copy them, for their compare-and-set
+header). ``flush()`` marks the point it waits for with a plain put of ``msstore-flush``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Final
@@ -39,6 +41,10 @@ from .keys import decode_key, is_valid_nats_key
 
 DELETE_OPS: Final = frozenset({KV_DEL, KV_PURGE})
 HYDRATED: Final = "Msstore-Hydrated"
+#: The key ``flush()`` writes to learn "everything acknowledged so far" in the log's terms: a
+#: plain put, because NATS 2.9 does not copy messages that carry an expected-sequence header
+#: (a hydration's compare-and-set) into a stream that sources the bucket.
+FLUSH_KEY: Final = "msstore-flush"
 SOURCE: Final = "Nats-Stream-Source"
 #: a pull request is over: 404 no messages, 408 request expired, 409 ended (e.g. max bytes)
 PULL_END_STATUSES: Final = frozenset({"404", "408", "409"})
@@ -211,6 +217,8 @@ class Puller:
         self._got: list[Msg] = []
         self._want = 0
         self._pulled = asyncio.Event()
+        #: until when the server may still deliver to us on a waiting request (monotonic s)
+        self.open_until = 0.0
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
@@ -233,6 +241,7 @@ class Puller:
             request: dict[str, Any] = {"batch": want - len(self._got)}
             if wait:
                 request["expires"] = int(timeout * 1e9)
+                self.open_until = time.monotonic() + timeout
             else:
                 request["no_wait"] = True
             await self._nc.publish(self._next, orjson.dumps(request), reply=self._inbox)
@@ -250,7 +259,7 @@ class Puller:
                 await self._sub.unsubscribe()
 
 
-__all__ = ["DELETE_OPS", "HYDRATED", "KV_OP", "LogRef", "Puller", "create_hydrated",
+__all__ = ["DELETE_OPS", "FLUSH_KEY", "HYDRATED", "KV_OP", "LogRef", "Puller", "create_hydrated",
            "ensure_log", "kv_prefix", "kv_stream", "last_logged", "log_name", "older_logs",
            "publish_delete", "retire_log", "seq_and_time", "source_revision",
            "split_agent_key", "stream_epoch"]

@@ -230,6 +230,7 @@ class StreamFlusher(Flusher):
         self._remote = 0  # unflushed messages in the logs at the last refresh
         self._holding: list[Msg] = []  # the batch being committed
         self._next_purge = 0.0
+        self._purged: dict[str, int] = {}  # log -> the sequence it was last purged below
         self._settling: dict[str, tuple[int, float]] = {}  # old log -> (last seq, since)
         self._noted = 0  # the highest revision this process wrote, and how far the log had
         self._sourced_to = 0  # copied it at the last drain
@@ -324,9 +325,9 @@ class StreamFlusher(Flusher):
     async def _target(self) -> object:
         """(log, sequence): the log message that copied the last write acknowledged so far."""
         await self.check_epoch()
-        wanted = (await self.js.stream_info(self.stream)).state.last_seq
+        marker = await self.js.publish(_nats.kv_prefix(self.s.bucket) + _nats.FLUSH_KEY, b"")
         ref = self._log
-        return ref, await self._sourced(ref, wanted)
+        return ref, await self._sourced(ref, int(marker.seq))
 
     async def _sourced(self, ref: LogRef, wanted: int, patience: float | None = None) -> int:
         """Wait until ``ref`` has copied the bucket up to revision ``wanted`` (the server copies
@@ -427,6 +428,7 @@ class StreamFlusher(Flusher):
 
     async def _commit_msgs(self, ref: LogRef, msgs: list[Msg]) -> None:
         prefix = _nats.kv_prefix(self.s.bucket)
+        marker = prefix + _nats.FLUSH_KEY
         cut = len(prefix)
         now_ns = time.time_ns()
         ttl_ns = self.s.ttl * 1e9
@@ -436,8 +438,8 @@ class StreamFlusher(Flusher):
         expired = foreign = 0
         for m in msgs:
             headers = m.headers or {}
-            if HYDRATED in headers:
-                continue  # a copy of what PostgreSQL (or this log) already holds
+            if HYDRATED in headers or m.subject == marker:
+                continue  # a copy of what PostgreSQL (or this log) holds, or a flush() mark
             try:
                 subject = m.subject
                 if not subject.startswith(prefix):
@@ -477,14 +479,19 @@ class StreamFlusher(Flusher):
 
     async def _purge(self, ref: LogRef) -> None:
         """Drop committed messages from the log: everything below the ack floor (at most once a
-        second). The floor's own message stays, so the log's last message always exists."""
+        second). The floor's own message stays, so the log's last message always exists.
+
+        Only while no delivery is waiting for its ack: NATS 2.9 forgets a consumer's pending
+        acks on any purge (they would then never be redelivered).
+        """
         if time.monotonic() < self._next_purge:
             return
         self._next_purge = time.monotonic() + 1.0
         ci = await self._consumer(ref)
         floor = ci.ack_floor.stream_seq if ci.ack_floor else 0
-        if floor > 1:
+        if floor > self._purged.get(ref.name, 1) and not ci.num_ack_pending:
             await self.js.purge_stream(ref.name, seq=floor)
+            self._purged[ref.name] = floor
 
     async def _drop_if_drained(self, ref: LogRef) -> None:
         """Delete an old log once nothing is unacked and it has stopped growing for a second
@@ -520,7 +527,10 @@ class StreamFlusher(Flusher):
                 await self._monitor
         await super().close()
         # Messages pulled but not committed: a NAK redelivers them now to the next flusher,
-        # instead of after ack_wait.
+        # instead of after ack_wait — including those a still-open pull request delivers.
+        late = max((p.open_until for p in self._pullers.values()), default=0.0)
+        if late > time.monotonic():
+            await asyncio.sleep(min(late - time.monotonic(), self.s.fetch_timeout) + 0.05)
         unflushed, self._holding = self._holding, []
         for puller in self._pullers.values():
             unflushed += puller.take_unacked()
