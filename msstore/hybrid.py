@@ -46,6 +46,7 @@ from . import _nats
 from ._background import wait_event
 from ._check import agent_uuid, not_open, one_of, optional_seconds, positive_int, positive_seconds
 from ._nats import KV_OP
+from ._readthrough import KVRead, read_through
 from .codec import dumps, loads
 from .errors import BackpressureError, NotFoundError, StoreTimeoutError, StoreUnavailableError
 from .flushers import DirtySetFlusher, Flusher, FlushSettings, StreamFlusher
@@ -281,36 +282,40 @@ class HybridStateManager:
         """
         kv = self._check_open()
         agent, kv_key = self._kv_key(agent_id, key)
+        subject = self.subject_prefix + kv_key
         self.metrics_store.add("reads")
-        for _attempt in range(3):
+
+        async def read_kv() -> KVRead[Any]:
             try:
                 with nats_errors(f"read {key!r}"):
                     entry = await kv.get(kv_key)
-            except nats.js.errors.KeyNotFoundError as e:
-                if e.op is not None:  # a delete marker: deleted, whatever SQL still says
-                    break
-                found, value = await self._hydrate(agent, key, kv_key)
-                if found is None:
-                    continue  # lost the race to a newer write: read KV again
-                if not found:
-                    break
-                return value
-            else:
-                self.metrics_store.add("kv_hits")
-                return loads(entry.value or b"null")
-        else:
-            # three lost races in a row: the newest value we know is still the best answer
-            found, value = await self._hydrate(agent, key, kv_key, cache=False)
-            if found:
-                return value
+            except nats.js.errors.KeyNotFoundError as e:  # a delete marker is authoritative
+                return KVRead("deleted" if e.op is not None else "miss")
+            return KVRead("hit", loads(entry.value or b"null"))
+
+        async def load() -> bytes | None:
+            data = await self._newest(agent, key, subject)
+            await self._after_sql_read(agent, key)
+            return data
+
+        async def create(data: bytes) -> bool:
+            with nats_errors(f"hydrate {key!r}"):
+                created = await _nats.create_hydrated(self.ms.js, subject, data)
+            self.metrics_store.add("hydrations" if created else "hydration_conflicts")
+            return created
+
+        got = await read_through(read_kv, load, create, loads)
+        if got.source == "kv":
+            self.metrics_store.add("kv_hits")
+        if got.found:
+            return got.value
         self.metrics_store.add("not_found")
         if default is not _MISSING:
             return default
         raise NotFoundError(f"no state for agent {agent} key {key!r}")
 
-    async def _hydrate(self, agent: uuid.UUID, key: str, kv_key: str,
-                       cache: bool = True) -> tuple[bool | None, Any]:
-        """(True, value) hydrated; (False, None) found nowhere; (None, None) lost to a write.
+    async def _newest(self, agent: uuid.UUID, key: str, subject: str) -> bytes | None:
+        """The newest durable value of a key KV does not hold, as codec bytes (None: none).
 
         The newest acknowledged change that PostgreSQL may not have yet (the durability log's
         last message for the key, or this process' dirty set) wins over the SQL row: a key
@@ -319,28 +324,13 @@ class HybridStateManager:
         as PostgreSQL's text form, which can be larger than what NATS accepts.
         """
         assert self._flusher is not None
-        subject = self.subject_prefix + kv_key
         with nats_errors(f"look up unflushed changes of {key!r}"):
             change = await self._flusher.pending(agent, key, subject)
         if change is not None:
             self.metrics_store.add("hydrations_from_log")
-            if change.data is None:
-                return False, None  # deleted, and the delete is not flushed yet
-            data = change.data
-        else:
-            row = await self._sql_row(agent, key)
-            if row is None:
-                return False, None
-            data = dumps(row["value"])
-        await self._after_sql_read(agent, key)
-        if cache:
-            with nats_errors(f"hydrate {key!r}"):
-                created = await _nats.create_hydrated(self.ms.js, subject, data)
-            if not created:
-                self.metrics_store.add("hydration_conflicts")
-                return None, None
-            self.metrics_store.add("hydrations")
-        return True, loads(data)
+            return change.data  # None: deleted, and the delete is not flushed yet
+        row = await self._sql_row(agent, key)
+        return None if row is None else dumps(row["value"])
 
     async def _sql_row(self, agent: uuid.UUID, key: str) -> asyncpg.Record | None:
         try:
@@ -352,7 +342,7 @@ class HybridStateManager:
                 f"KV has no {key!r} and PostgreSQL cannot be read: {e!r}") from e
 
     async def _after_sql_read(self, agent: uuid.UUID, key: str) -> None:
-        """Test seam: runs between the read of the value and the KV create of a hydration."""
+        """Test seam: runs between the load of the value and the KV create of a hydration."""
 
     # ---------------------------------------------------------------- observability
 
