@@ -49,7 +49,7 @@ from ._nats import KV_OP
 from ._readthrough import KVRead, read_through
 from .codec import dumps, loads
 from .errors import BackpressureError, NotFoundError, StoreTimeoutError, StoreUnavailableError
-from .flushers import DirtySetFlusher, Flusher, FlushSettings, StreamFlusher
+from .flushers import DirtySetFlusher, Flusher, FlushSettings
 from .keys import join_key
 from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket, nats_error, nats_errors
 from .merge import (
@@ -62,6 +62,7 @@ from .merge import (
     merge_lock_id,
     merge_serialised,
 )
+from .stream_flusher import StreamFlusher
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -1,0 +1,380 @@
+"""The stream flusher: a durable pull consumer on the bucket's durability log (crash-safe).
+
+::
+
+    KV_b ──server-side source──▶ MSLOG_b_<epoch>  (no age limit; see msstore._nats)
+                                    │ durable pull consumer, shared by processes
+                                    ▼
+    pull ─▶ parse (revision from Nats-Stream-Source) ─▶ coalesce ─▶ Committer ─▶ ack
+                                    │ then, at most once a second
+                                    ▼
+                          purge the log below the ack floor
+
+``flush()`` writes a marker into the bucket and waits until the log has copied it and the ack
+floor has passed it. When the bucket is recreated (a new epoch), the old log stops copying, is
+drained completely (across epochs the later merge wins, so no newer change may be committed
+first), and is deleted once it has been quiet for a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
+
+from . import _nats
+from ._nats import HYDRATED, KV_OP, LogRef, Puller
+from .errors import InvalidKeyError
+from .flushers import _FIRST_RECHECK, Flusher
+from .merge import StateChange, coalesce
+
+log = logging.getLogger("msstore.flushers")
+
+
+def _unacked(ci: ConsumerInfo) -> int:
+    return int(ci.num_pending or 0) + int(ci.num_ack_pending or 0)
+
+
+class StreamFlusher(Flusher):
+    """A durable pull consumer on the bucket's durability log; acks only after the commit.
+
+    Several processes using the same durable name share the work; a crashed process' unacked
+    messages are redelivered after ``ack_wait`` to whoever fetches next. When the bucket is
+    recreated (a new epoch), the old log stops copying, is drained, and is deleted.
+    """
+
+    name = "stream"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._log = LogRef("", 0)
+        self._old: list[LogRef] = []  # earlier incarnations still to drain, oldest first
+        self._pullers: dict[str, Puller] = {}
+        self._switch = asyncio.Lock()
+        self._local = 0  # writes since the last consumer-info refresh
+        self._since_flush = 0
+        self._remote = 0  # unflushed messages in the logs at the last refresh
+        self._holding: list[Msg] = []  # the batch being committed
+        self._next_purge = 0.0
+        self._purged: dict[str, int] = {}  # log -> the sequence it was last purged below
+        self._settling: dict[str, tuple[int, float]] = {}  # old log -> (last seq, since)
+        self._noted = 0  # the highest revision this process wrote, and how far the log had
+        self._sourced_to = 0  # copied it at the last drain
+        self._monitor: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._log = await _nats.ensure_log(self.js, self.s.bucket)
+        self._old = await _nats.older_logs(self.js, self.s.bucket, self._log)
+        for ref in [*self._old, self._log]:
+            if ref is not self._log:
+                await _nats.retire_log(self.js, ref)
+            await self._open(ref)
+        await self._refresh()
+        await super().start()
+        self._monitor = asyncio.create_task(self._watch(), name="msstore-stream-backlog")
+
+    async def _open(self, ref: LogRef) -> None:
+        config = ConsumerConfig(
+            durable_name=self.s.durable, ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL, ack_wait=self.s.ack_wait, max_deliver=-1,
+            max_ack_pending=max(4 * self.s.batch_size, 1000),
+            description="msstore HybridStateManager write-behind flusher")
+        try:
+            await self.js.add_consumer(ref.name, config)
+        except nats.js.errors.BadRequestError:
+            await self.js.consumer_info(ref.name, self.s.durable)  # exists, other settings
+        puller = Puller(self.nc, ref.name, self.s.durable)
+        await puller.start()
+        self._pullers[ref.name] = puller
+
+    async def check_epoch(self) -> None:
+        """Follow a recreated bucket: retire the old log, open the new incarnation's."""
+        async with self._switch:
+            epoch = await self._kv_epoch()
+            if epoch == self._log.epoch:
+                return
+            old, self._log = self._log, await _nats.ensure_log(self.js, self.s.bucket)
+            log.warning("bucket %s was recreated (epoch %d -> %d): draining the old log",
+                        self.s.bucket, old.epoch, self._log.epoch)
+            self._noted = self._sourced_to = 0
+            await _nats.retire_log(self.js, old)
+            self._old.append(old)
+            await self._open(self._log)
+
+    def note_write(self, change: StateChange) -> None:
+        if change.revision > self._noted:
+            self._noted = change.revision
+        self._local += 1
+        self._since_flush += 1
+        if self._since_flush >= self.s.flush_threshold:
+            self.worker.wake.set()
+
+    def backlog(self) -> int:
+        return self._remote + self._local
+
+    async def _consumer(self, ref: LogRef) -> ConsumerInfo:
+        info: ConsumerInfo = await self.js.consumer_info(ref.name, self.s.durable)
+        return info
+
+    async def _refresh(self) -> None:
+        local_then = self._local
+        total = 0
+        for ref in [*self._old, self._log]:
+            with contextlib.suppress(nats.js.errors.NotFoundError):  # drained and deleted
+                total += _unacked(await self._consumer(ref))
+        self._remote = total
+        self._local -= local_then
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.s.backlog_refresh)
+            try:
+                await self.check_epoch()
+                await self._refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.debug("backlog refresh failed: %r", e)
+
+    async def pending(self, agent: uuid.UUID, key: str, subject: str) -> StateChange | None:
+        # The log's newest message for the key is the newest acknowledged change (KV missed,
+        # so nothing newer exists); committed ones are purged only below the ack floor.
+        raw: Any = await _nats.last_logged(self.js, self._log, subject)
+        if raw is None:
+            return None
+        deleted = (raw.headers or {}).get(KV_OP) in _nats.DELETE_OPS
+        return StateChange(agent, key, _nats.source_revision(raw.headers),
+                           None if deleted else bytes(raw.data or b""))
+
+    # ---------------------------------------------------------------- flush() bookkeeping
+
+    async def _target(self) -> object:
+        """(log, sequence): the log message that copied the last write acknowledged so far."""
+        await self.check_epoch()
+        marker = await self.js.publish(_nats.kv_prefix(self.s.bucket) + _nats.FLUSH_KEY, b"")
+        ref = self._log
+        return ref, await self._sourced(ref, int(marker.seq))
+
+    async def _sourced(self, ref: LogRef, wanted: int, patience: float | None = None) -> int:
+        """Wait until ``ref`` has copied the bucket up to revision ``wanted`` (the server copies
+        asynchronously, within milliseconds); return the log sequence that covers it."""
+        recheck = _FIRST_RECHECK
+        deadline = None if patience is None else time.monotonic() + patience
+        while True:
+            last = (await self.js.stream_info(ref.name)).state.last_seq
+            if not wanted:
+                return int(last)
+            if last:
+                raw: Any = await self.js.get_msg(ref.name, seq=last, direct=True)
+                if _nats.source_revision(raw.headers) >= wanted:
+                    return int(last)
+            kv = (await self.js.stream_info(self.stream)).state
+            if not kv.messages or kv.first_seq > wanted:
+                return int(last)  # nothing up to `wanted` is left for the source to copy
+            if deadline is not None and time.monotonic() > deadline:
+                return int(last)
+            await asyncio.sleep(recheck)
+            recheck = min(2 * recheck, self.s.poll_interval)
+
+    async def _done(self, target: object) -> bool:
+        assert isinstance(target, tuple)
+        ref: LogRef = target[0]
+        last: int = target[1]
+        try:
+            ci = await self._consumer(ref)
+        except nats.js.errors.NotFoundError:
+            return not self._old  # an old log, drained and deleted
+        floor = ci.ack_floor.stream_seq if ci.ack_floor else 0
+        done = bool((floor >= last or not _unacked(ci)) and not self._old)
+        if done:
+            await self._refresh()  # the backlog estimate behind backpressure, now
+        return done
+
+    # ---------------------------------------------------------------- draining
+
+    async def _drain(self) -> None:
+        self._since_flush = 0
+        if self._noted > self._sourced_to:  # writes this process made: wait for their copies
+            noted = self._noted
+            await self._sourced(self._log, noted, patience=self.s.flush_interval)
+            self._sourced_to = noted
+        # Older incarnations first, completely: across epochs the later merge wins, so no
+        # change of the current log may be committed while an older log still holds one.
+        deadline = time.monotonic() + self.s.flush_interval
+        while self._old:
+            for ref in list(self._old):
+                try:
+                    await self._drain_log(ref)
+                    await self._drop_if_drained(ref)
+                except nats.js.errors.NotFoundError:
+                    await self._forget(ref)  # another process drained and deleted it
+            if self._old:
+                if time.monotonic() > deadline:
+                    return  # e.g. another process holds old messages: next round
+                await asyncio.sleep(0.05)
+        await self._drain_log(self._log)
+        with contextlib.suppress(Exception):
+            await self._refresh()
+
+    async def _drain_log(self, ref: LogRef) -> None:
+        size = self.s.batch_size
+        puller = self._pullers[ref.name]
+        while not self.worker.stopping:
+            msgs: list[Msg] = []
+            ci = await self._consumer(ref)
+            if not _unacked(ci):
+                break  # nothing waiting, nothing in flight: no fetch to sit through
+            while len(msgs) < size:  # a fetch can stop at its deadline: top the batch up
+                want = size - len(msgs)
+                if ci.num_pending:
+                    # Ask for no more than is waiting: a pull that the stream cannot fill is
+                    # held by the server until it expires (fetch_timeout) — a fixed stall on
+                    # every flush. (0 waiting: a redelivery may come; wait for it.)
+                    want = min(want, int(ci.num_pending))
+                got = await puller.pull(want, wait=not ci.num_pending,
+                                        expires=self.s.fetch_timeout)
+                if not got:
+                    break
+                msgs += got
+                if len(msgs) < size:
+                    ci = await self._consumer(ref)
+                    if not ci.num_pending and (ci.num_ack_pending or 0) <= len(msgs):
+                        break
+            if not msgs:
+                break
+            try:
+                await self._commit_msgs(ref, msgs)
+            except Exception:
+                await self._hand_back(msgs)  # redelivered now, not after ack_wait
+                raise
+            self.worker.signal_progress()
+            if len(msgs) < size:
+                break
+        await self._purge(ref)
+
+    async def _commit_msgs(self, ref: LogRef, msgs: list[Msg]) -> None:
+        prefix = _nats.kv_prefix(self.s.bucket)
+        marker = prefix + _nats.FLUSH_KEY
+        cut = len(prefix)
+        now_ns = time.time_ns()
+        ttl_ns = self.s.ttl * 1e9
+        agents: dict[str, uuid.UUID] = {}  # a batch holds few agents: parse each id once
+        changes: list[StateChange] = []
+        append = changes.append
+        expired = foreign = 0
+        for m in msgs:
+            headers = m.headers or {}
+            if HYDRATED in headers or m.subject == marker:
+                continue  # a copy of what PostgreSQL (or this log) holds, or a flush() mark
+            try:
+                subject = m.subject
+                if not subject.startswith(prefix):
+                    raise InvalidKeyError(subject)
+                agent, key = _nats.split_agent_key(subject[cut:], agents)
+                revision = _nats.source_revision(headers)
+            except (InvalidKeyError, ValueError):
+                foreign += 1
+                continue
+            # Values are not parsed here: msstore wrote them through codec.dumps, and a foreign
+            # value PostgreSQL cannot store is found when the merge refuses it.
+            data = None if headers.get(KV_OP) in _nats.DELETE_OPS else m.data
+            if now_ns - _nats.seq_and_time(m)[1] >= ttl_ns:
+                expired += 1
+            append(StateChange(agent, key, revision, data))
+        if foreign:
+            self.committer.metrics.add("foreign_messages", foreign)
+            log.warning("skipped %d messages in %s that msstore did not write", foreign,
+                        ref.name)
+
+        async def keep_alive() -> None:  # the batch stays ours while PostgreSQL is down
+            for m in msgs:
+                with contextlib.suppress(Exception):
+                    await m.in_progress()
+
+        self._holding = msgs  # close() hands them back if the commit never finishes
+        await self.committer.commit(coalesce(changes), ref.epoch, self.name,
+                                    messages=len(msgs), expired=expired, on_retry=keep_alive)
+        for m in msgs:
+            await m.ack()
+        self._holding = []
+        # Acks are fire-and-forget publishes: one PING/PONG makes sure the server has them
+        # before anyone reads the ack floor. If it fails, the messages are redelivered and
+        # replayed as no-ops.
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self.nc.flush(timeout=5)
+
+    async def _purge(self, ref: LogRef) -> None:
+        """Drop committed messages from the log: everything below the ack floor (at most once a
+        second). The floor's own message stays, so the log's last message always exists.
+
+        Only while no delivery is waiting for its ack: NATS 2.9 forgets a consumer's pending
+        acks on any purge (they would then never be redelivered).
+        """
+        if time.monotonic() < self._next_purge:
+            return
+        self._next_purge = time.monotonic() + 1.0
+        ci = await self._consumer(ref)
+        floor = ci.ack_floor.stream_seq if ci.ack_floor else 0
+        if floor > self._purged.get(ref.name, 1) and not ci.num_ack_pending:
+            await self.js.purge_stream(ref.name, seq=floor)
+            self._purged[ref.name] = floor
+
+    async def _drop_if_drained(self, ref: LogRef) -> None:
+        """Delete an old log once nothing is unacked and it has stopped growing for a second
+        (the server may still hand it copies it had taken before the log was retired)."""
+        if _unacked(await self._consumer(ref)):
+            return
+        last = (await self.js.stream_info(ref.name)).state.last_seq
+        seen = self._settling.get(ref.name)
+        if seen is None or seen[0] != last:
+            self._settling[ref.name] = (last, time.monotonic())
+        elif time.monotonic() - seen[1] >= 1.0:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self.js.delete_stream(ref.name)
+            await self._forget(ref)
+
+    async def _hand_back(self, msgs: list[Msg]) -> None:
+        self._holding = []
+        for m in msgs:
+            with contextlib.suppress(Exception):
+                await m.nak()
+
+    async def _forget(self, ref: LogRef) -> None:
+        self._old = [r for r in self._old if r != ref]
+        self._settling.pop(ref.name, None)
+        puller = self._pullers.pop(ref.name, None)
+        if puller is not None:
+            await puller.stop()
+
+    async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        await super().close()
+        # Messages pulled but not committed: a NAK redelivers them now to the next flusher,
+        # instead of after ack_wait — including those a still-open pull request delivers.
+        late = max((p.open_until for p in self._pullers.values()), default=0.0)
+        if late > time.monotonic():
+            await asyncio.sleep(min(late - time.monotonic(), self.s.fetch_timeout) + 0.05)
+        unflushed, self._holding = self._holding, []
+        for puller in self._pullers.values():
+            unflushed += puller.take_unacked()
+        for m in unflushed:
+            with contextlib.suppress(Exception):
+                await m.nak()
+        with contextlib.suppress(Exception):
+            await self.nc.flush()
+        for puller in self._pullers.values():
+            await puller.stop()
+
+
+__all__ = ["StreamFlusher"]
