@@ -2,18 +2,20 @@
 
 ::
 
-                   hydration failed
-              ┌─────────────────────────┐
-              ▼                         │
-            COLD ──first access──▶ HYDRATING ──loaded──▶ ACTIVE ──flush──▶ FLUSHING
-                                        ▲                  │  ▲               │
-                                        │     idle (after  │  └───committed───┘
-                                        │     a flush)     ▼     or reverted
-                                        └──next access── EXPIRED
+    StateLifecycleManager (here)          the public API
+        │ write / delete ──▶ KV put / delete marker ──▶ revision; the key is marked dirty
+        │ read ──▶ KV get ──miss──▶ read_through: SQL row → create-if-absent → re-read
+        │ checkpoint / restore ──▶ checkpoints.py: KV watch ⇄ agents.checkpoints
+        │ expire, idle sweeper (a Worker) ──▶ flush, then purge $KV.<bucket>.<agent>.>
+        ▼
+    AgentIO (agent_io.py)                 hydrate_agent: SQL → KV    flush_agent: KV → SQL
+        ▼
+    StateTracker, Slot (transitions.py)   states and legal moves, per-agent locks, dirty keys
 
-Only these seven edges are legal (:data:`TRANSITIONS`, in :mod:`msstore.transitions`); any
-other raises :class:`IllegalTransitionError`. Every transition is recorded and passed to
-listeners registered with :meth:`StateLifecycleManager.on_transition`.
+The state machine and its diagram are in :mod:`msstore.transitions`: only the seven edges of
+:data:`TRANSITIONS` are legal, any other raises :class:`IllegalTransitionError`. Every
+transition is recorded and passed to listeners registered with
+:meth:`StateLifecycleManager.on_transition`.
 
 **Lifecycle or hybrid manager?** Both keep ``agents.state`` behind the same KV bucket and
 write rows the same way (:func:`msstore.merge.merge_changes`, version = KV revision, epoch = the
