@@ -24,18 +24,21 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import nats.errors
 import nats.js.errors
 import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import Header, RetentionPolicy, StorageType, StreamConfig, StreamInfo, StreamSource
-from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
 from ._background import wait_event
+from ._readthrough import KVRead
 from .errors import InvalidKeyError
 from .keys import decode_key, is_valid_nats_key
 
@@ -263,3 +266,175 @@ __all__ = ["DELETE_OPS", "FLUSH_KEY", "HYDRATED", "KV_OP", "LogRef", "Puller", "
            "ensure_log", "kv_prefix", "kv_stream", "last_logged", "log_name", "older_logs",
            "publish_delete", "retire_log", "seq_and_time", "source_revision",
            "split_agent_key", "stream_epoch"]
+
+
+# --------------------------------------------------------------------------- writers' helpers
+
+#: JSStreamWrongLastSequenceErrF, JSStreamWrongLastSequenceConstantErr: KV has a message already
+WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})
+
+
+class BucketEpoch:
+    """A bucket's incarnation as one writer sees it, through the revisions KV acknowledges.
+
+    Read at start (:meth:`read`). Within one incarnation revisions only grow, so an
+    acknowledged revision lower than the highest one seen means the stream was deleted and
+    created again (its sequences restart at 1): :meth:`saw` then reads the epoch again. A
+    bucket recreated *and* written past the old highest revision before this writer's next
+    write goes unnoticed until a lower revision shows up.
+    """
+
+    __slots__ = ("_js", "_lock", "_stream", "epoch", "high")
+
+    def __init__(self, js: JetStreamContext, bucket: str) -> None:
+        self._js = js
+        self._stream = kv_stream(bucket)
+        self._lock = asyncio.Lock()
+        self.epoch = 0  # unknown until read
+        self.high = 0   # the highest revision seen in this epoch
+
+    async def read(self) -> int:
+        info = await self._js.stream_info(self._stream)
+        self.epoch, self.high = stream_epoch(info), int(info.state.last_seq or 0)
+        return self.epoch
+
+    async def saw(self, revisions: Sequence[int]) -> bool:
+        """Note acknowledged revisions; True if they revealed a new epoch (read again)."""
+        if not revisions:
+            return False
+        if min(revisions) >= self.high:
+            self.high = max(revisions)
+            return False
+        return await self.recheck(below=min(revisions))
+
+    async def recheck(self, *, below: int | None = None) -> bool:
+        """Read the epoch again (a revision went back); True if it changed.
+
+        ``below``: the revision that went back; once another writer's re-read has seen it,
+        there is nothing to read again.
+        """
+        async with self._lock:  # one re-read for the writers that noticed together
+            if below is not None and below >= self.high:
+                return False
+            before = self.epoch
+            return await self.read() != before
+
+
+class _CreateAcks:
+    """The JetStream acks of one batch of creates, counted as they arrive on its inbox."""
+
+    __slots__ = ("created", "error", "in_flight", "skipped", "wake", "wake_at")
+
+    def __init__(self) -> None:
+        self.in_flight = 0  # published, not acknowledged yet
+        self.created = 0
+        self.skipped = 0
+        self.error: nats.errors.Error | None = None
+        self.wake_at = 0  # wake the publisher once in_flight drops to this
+        self.wake = asyncio.Event()
+
+    async def on_ack(self, msg: Msg) -> None:
+        data = msg.data
+        if data and b'"error"' not in data:
+            self.created += 1  # the common case, without parsing the ack
+        else:
+            self._unusual(msg)
+        self.in_flight -= 1
+        if self.in_flight <= self.wake_at or self.error is not None:
+            self.wake.set()
+
+    def _unusual(self, msg: Msg) -> None:
+        resp: Any = None
+        with contextlib.suppress(ValueError):
+            resp = orjson.loads(msg.data) if msg.data else None
+        if isinstance(resp, dict) and "error" not in resp:
+            self.created += 1  # '"error"' was inside a value (e.g. a domain name)
+            return
+        err: nats.errors.Error
+        if isinstance(resp, dict) and isinstance(resp["error"], dict):
+            if resp["error"].get("err_code") in WRONG_LAST_SEQUENCE:
+                self.skipped += 1  # KV has a newer value or a delete marker: it wins
+                return
+            try:
+                nats.js.errors.APIError.from_error(resp["error"])  # raises the typed error
+            except nats.errors.Error as e:
+                err = e
+            except Exception:  # an error without the usual fields
+                err = nats.js.errors.APIError(description=str(resp["error"]))
+        elif msg.headers and msg.headers.get("Status") == "503":
+            err = nats.js.errors.NoStreamResponseError()  # no stream listens on the subject
+        else:
+            err = nats.js.errors.APIError(description=f"unexpected JetStream ack {msg.data!r}")
+        if self.error is None:
+            self.error = err
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """What :func:`create_pipelined` did: ``created``, ``skipped`` (KV had the key), the peak."""
+
+    created: int
+    skipped: int
+    peak_in_flight: int
+
+
+async def create_pipelined(nc: Client, prefix: str, items: Sequence[tuple[str, bytes]], *,
+                           window: int, ack_timeout: float) -> Created:
+    """:func:`create_hydrated` for many keys: ``(key, data)`` under ``prefix``, pipelined.
+
+    The same compare-and-set publish (``Nats-Expected-Last-Subject-Sequence: 0``: only if KV
+    has no message for the key, so a newer value *or a delete marker* wins; marked
+    ``Msstore-Hydrated``), but published with ``nc.publish`` and acknowledged on one inbox
+    subscription for the whole batch instead of one request (future, timer, JSON, dataclass)
+    per key. At most ``window`` are in flight; the window is refilled once half of it is
+    acknowledged. "Wrong last sequence" counts as skipped, any other error is raised; no ack
+    progress within ``ack_timeout`` raises ``nats.errors.TimeoutError``.
+    """
+    if not items:
+        return Created(0, 0, 0)
+    headers = {Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: "0", HYDRATED: "1"}
+    refill_at = window // 2
+    acks = _CreateAcks()
+    n, sent, peak = len(items), 0, 0
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=acks.on_ack)
+    try:
+        while True:
+            if acks.error is not None:
+                raise acks.error
+            room = min(window - acks.in_flight, n - sent)
+            for key, data in items[sent:sent + room]:
+                acks.in_flight += 1  # before the publish: its ack may come during it
+                peak = max(peak, acks.in_flight)
+                await nc.publish(prefix + key, data, reply=inbox, headers=headers)
+            sent += max(room, 0)
+            acks.wake_at = refill_at if sent < n else 0
+            if acks.in_flight <= acks.wake_at:
+                if sent >= n:
+                    break
+                continue
+            acks.wake.clear()
+            if not await wait_event(acks.wake, ack_timeout):
+                raise nats.errors.TimeoutError(
+                    f"{acks.in_flight} of {n} creates not acknowledged within {ack_timeout} s")
+    finally:
+        with contextlib.suppress(nats.errors.Error):  # closed connection: no sub left
+            await sub.unsubscribe()
+    if acks.error is not None:
+        raise acks.error  # cannot happen after all acks, but never report a failure as done
+    if acks.created + acks.skipped != n:  # pragma: no cover - a broken server
+        raise nats.js.errors.APIError(
+            description=f"{acks.created + acks.skipped} acks for {n} creates")
+    return Created(acks.created, acks.skipped, peak)
+
+
+async def kv_read(kv: KeyValue, key: str) -> KVRead[bytes]:
+    """One KV get as :func:`msstore._readthrough.read_through` wants it: hit, deleted or miss."""
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError as e:  # a delete marker is authoritative
+        return KVRead("miss" if e.op is None else "deleted")
+    return KVRead("hit", entry.value or b"null")
+
+
+__all__ += ["WRONG_LAST_SEQUENCE", "BucketEpoch", "Created", "create_pipelined", "kv_read"]

@@ -2,39 +2,55 @@
 
 ::
 
-                   hydration failed
-              ┌─────────────────────────┐
-              ▼                         │
-            COLD ──first access──▶ HYDRATING ──loaded──▶ ACTIVE ──flush──▶ FLUSHING
-                                        ▲                  │  ▲               │
-                                        │     idle (after  │  └───committed───┘
-                                        │     a flush)     ▼     or reverted
-                                        └──next access── EXPIRED
+    StateLifecycleManager (here)          the public API
+        │ write / delete ──▶ KV put / delete marker ──▶ revision; the key is marked dirty
+        │ read ──▶ KV get ──miss──▶ read_through: SQL row → create-if-absent → re-read
+        │ checkpoint / restore ──▶ checkpoints.py: KV watch ⇄ agents.checkpoints
+        │ expire, idle sweeper (a Worker) ──▶ flush, then purge $KV.<bucket>.<agent>.>
+        ▼
+    AgentIO (agent_io.py)                 hydrate_agent: SQL → KV    flush_agent: KV → SQL
+        ▼
+    StateTracker, Slot (transitions.py)   states and legal moves, per-agent locks, dirty keys
 
-Only these seven edges are legal (:data:`TRANSITIONS`, derived from the seed's code); any
-other raises :class:`IllegalTransitionError`. Every transition is recorded and passed to
-listeners registered with :meth:`StateLifecycleManager.on_transition`.
+The state machine and its diagram are in :mod:`msstore.transitions`: only the seven edges of
+:data:`TRANSITIONS` are legal, any other raises :class:`IllegalTransitionError`. Every
+transition is recorded and passed to listeners registered with
+:meth:`StateLifecycleManager.on_transition`.
 
-What msstore adds to the seed's pseudocode:
+**Lifecycle or hybrid manager?** Both keep ``agents.state`` behind the same KV bucket and
+write rows the same way (:func:`msstore.merge.merge_changes`, version = KV revision, epoch = the
+bucket stream's incarnation), so their rows order the same way. Use this manager for agents
+that are loaded, worked on, checkpointed and expired *as a unit*: it tracks each agent's state,
+flushes one agent in one transaction when you say so (an error means nothing was committed),
+snapshots and restores it, and purges it from KV when idle. Use
+:class:`msstore.hybrid.HybridStateManager` for key-level write-behind across many agents:
+writes return at the KV ack and background flushers batch every agent's changes into
+PostgreSQL, with a durability log that survives restarts.
 
-* **hydration** loads the agent's rows with *one* query and creates them in KV pipelined (at
-  most ``hydrate_chunk`` publishes in flight, their acks counted on one inbox subscription, not
-  one awaited put per key); each put is a compare-and-set create, so a newer value (or a delete
-  marker) already in KV is never overwritten by an older row.
-  Concurrent ``hydrate_agent`` calls for one agent share one hydration (single-flight).
+What msstore adds to the seed's pseudocode, and which shared piece does it:
+
+* **hydration** loads the agent's rows with *one* query, re-encodes each value with
+  :func:`msstore.codec.dumps` and creates them in KV pipelined
+  (:func:`msstore._nats.create_pipelined`: at most ``hydrate_chunk`` compare-and-set creates in
+  flight, acks counted on one inbox), so a newer value or a delete marker already in KV is
+  never overwritten by an older row. Concurrent ``hydrate_agent`` calls for one agent share one
+  hydration (single-flight).
+* **reads** of a key KV has no message for (the bucket's max age dropped it) go through
+  :func:`msstore._readthrough.read_through`: SQL row → create-if-absent → re-read on a lost race.
 * **flushing** reads the dirty keys from KV in one pipelined batch and writes them in one
-  PostgreSQL transaction with :func:`msstore.hybrid.merge_changes` (version = KV revision).
-  On failure nothing is committed, the dirty keys stay dirty, the state reverts to ACTIVE and a
-  :class:`StoreUnavailableError` tells the caller to retry. (The seed also leaves an agent in
-  FLUSHING forever when nothing is dirty; here every flush ends in ACTIVE.) A key written again
-  while a flush runs stays dirty: it is dropped only if its flushed revision is the latest.
-* **checkpoints** snapshot the agent's live KV state into ``agents.checkpoints``;
-  ``kv_revision`` is the highest KV revision among the agent's keys (delete markers included)
-  at snapshot time — no write of the agent runs during the snapshot, so the snapshot is exactly
-  the agent's state as of that revision. ``restore`` makes KV *and* SQL equal to the snapshot.
+  PostgreSQL transaction with :func:`msstore.merge.merge_changes`, under the bucket's epoch
+  (:class:`msstore._nats.BucketEpoch`: read at start, read again when KV hands back a revision
+  lower than one seen before — the bucket was recreated). On failure nothing is committed, the
+  dirty keys stay dirty, the state reverts to ACTIVE and a :class:`StoreUnavailableError` tells
+  the caller to retry. (The seed leaves an agent in FLUSHING forever when nothing is dirty;
+  here every flush ends in ACTIVE.) A key written again while a flush runs stays dirty: it is
+  dropped only if its flushed revision is the latest.
+* **checkpoints** (:mod:`msstore.checkpoints`) snapshot the agent's live KV state into
+  ``agents.checkpoints``; ``restore`` makes KV *and* SQL equal to the snapshot.
 * **expiry**: an agent idle for ``idle_timeout`` is flushed, then purged from KV with one
   stream purge on the subject ``$KV.<bucket>.<agent>.>``, and becomes EXPIRED; the next access
-  hydrates it again. A background sweeper runs every ``sweep_interval`` seconds.
+  hydrates it again. The sweeper is a :class:`msstore._background.Worker` run every
+  ``sweep_interval`` seconds.
 
 ``ttl`` is the bucket's max age (NATS has no per-key TTL on ``put``); ``idle_timeout`` must be
 below it, so that an idle agent is flushed before KV drops its values.
@@ -43,44 +59,32 @@ below it, so that an idle agent is flushed before KV drops its values.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import enum
-import json
 import logging
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final
 
-import asyncpg
-import nats.errors
-import nats.js.errors
-from nats.aio.msg import Msg
-from nats.js.kv import KeyValue
-
-from ._check import not_open, positive_int, positive_seconds
+from . import _nats, checkpoints
+from ._background import Worker
+from ._check import agent_uuid, positive_seconds
 from ._pg import pg_errors
+from ._readthrough import KVRead, read_through
+from .agent_io import COUNTERS, AgentIO, HydrationResult
+from .checkpoints import RestoreResult
 from .codec import dumps, loads
-from .errors import (
-    IllegalTransitionError,
-    InvalidOptionError,
-    NotFoundError,
-    NotOpenError,
-    StoreUnavailableError,
+from .errors import IllegalTransitionError, InvalidOptionError, NotFoundError, NotOpenError
+from .keys import check_key, encode_token, join_key
+from .kv import DEFAULT_TTL_SECONDS, nats_errors
+from .transitions import (
+    TRANSITIONS,
+    LifecycleState,
+    StateTracker,
+    TransitionEvent,
+    TransitionListener,
+    check_transition,
 )
-from .hybrid import (
-    KV_OPERATION,
-    MergeResult,
-    StateChange,
-    agent_uuid,
-    merge_changes,
-    wait_event,
-)
-from .keys import MAX_ENCODED_KEY, check_key, encode_key, encode_token, join_key, split_key
-from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket, nats_errors
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -89,187 +93,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("msstore.lifecycle")
 
-T = TypeVar("T")
-_MISSING: Final = object()
-_DELETE_OPS: Final = frozenset({"DEL", "PURGE"})
-
-
-# --------------------------------------------------------------------------- the state machine
-
-
-class LifecycleState(enum.Enum):
-    """Where an agent's state lives right now (the seed's five states)."""
-
-    COLD = "cold"            # no state loaded into KV
-    HYDRATING = "hydrating"  # loading from PostgreSQL into KV
-    ACTIVE = "active"        # in KV, operational
-    FLUSHING = "flushing"    # writing dirty keys to PostgreSQL
-    EXPIRED = "expired"      # idle too long: flushed and purged from KV
-
-
 S = LifecycleState
-
-#: The legal transitions, as data. Derived from the seed's ``hydrateAgent``/``flushAgent``
-#: (HYDRATING→ACTIVE, ACTIVE→FLUSHING, FLUSHING→ACTIVE on success *and* as the revert on
-#: failure) plus the two its prose implies: a failed hydration falls back to COLD, an expired
-#: agent is hydrated again on its next access. ACTIVE→EXPIRED happens only after a flush.
-TRANSITIONS: Final[Mapping[LifecycleState, frozenset[LifecycleState]]] = {
-    S.COLD: frozenset({S.HYDRATING}),
-    S.HYDRATING: frozenset({S.ACTIVE, S.COLD}),
-    S.ACTIVE: frozenset({S.FLUSHING, S.EXPIRED}),
-    S.FLUSHING: frozenset({S.ACTIVE}),
-    S.EXPIRED: frozenset({S.HYDRATING}),
-}
+_MISSING: Final = object()
 
 
-def check_transition(from_state: LifecycleState, to_state: LifecycleState,
-                     agent_id: object = None) -> None:
-    """Raise :class:`IllegalTransitionError` unless ``from_state → to_state`` is in the table."""
-    if to_state not in TRANSITIONS[from_state]:
-        raise IllegalTransitionError(agent_id, from_state, to_state, TRANSITIONS[from_state])
-
-
-@dataclass(frozen=True, slots=True)
-class TransitionEvent:
-    """One recorded transition; ``at`` is wall-clock seconds (``time.time()``) for charts."""
-
-    agent_id: uuid.UUID
-    from_state: LifecycleState
-    to_state: LifecycleState
-    at: float
-
-
-TransitionListener = Callable[[uuid.UUID, LifecycleState, LifecycleState, float], None]
-
-
-class StateTracker:
-    """Per-agent states with the table enforced, a bounded history and listeners (no I/O)."""
-
-    def __init__(self, *, history: int = 10_000,
-                 wall_clock: Callable[[], float] = time.time) -> None:
-        self._states: dict[uuid.UUID, LifecycleState] = {}
-        self._listeners: list[TransitionListener] = []
-        self.history: deque[TransitionEvent] = deque(maxlen=history)
-        self._wall_clock = wall_clock
-
-    def state(self, agent_id: uuid.UUID) -> LifecycleState:
-        """An agent never seen is COLD."""
-        return self._states.get(agent_id, S.COLD)
-
-    def states(self) -> dict[uuid.UUID, LifecycleState]:
-        return dict(self._states)
-
-    def transition(self, agent_id: uuid.UUID, to_state: LifecycleState) -> TransitionEvent:
-        """Move ``agent_id`` to ``to_state`` or raise; listeners see every legal move."""
-        from_state = self.state(agent_id)
-        check_transition(from_state, to_state, agent_id)
-        self._states[agent_id] = to_state
-        event = TransitionEvent(agent_id, from_state, to_state, self._wall_clock())
-        self.history.append(event)
-        for listener in list(self._listeners):
-            try:
-                listener(agent_id, from_state, to_state, event.at)
-            except Exception:  # a broken listener must not break the state machine
-                log.exception("lifecycle listener %r failed", listener)
-        return event
-
-    def on_transition(self, listener: TransitionListener) -> Callable[[], None]:
-        """Call ``listener(agent_id, from, to, at)`` after each transition; returns unsubscribe."""
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
-
-    def forget(self, agent_id: uuid.UUID) -> None:
-        self._states.pop(agent_id, None)
-
-
-# --------------------------------------------------------------------------- per-agent slot
-
-
-class _Gate:
-    """Shared for reads/writes, exclusive for purge/restore/snapshot; exclusive waiters first."""
-
-    def __init__(self) -> None:
-        self._cond = asyncio.Condition()
-        self._shared = 0
-        self._exclusive = False
-        self._waiting = 0
-
-    @contextlib.asynccontextmanager
-    async def shared(self) -> AsyncIterator[None]:
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
-            self._shared += 1
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._shared -= 1
-                self._cond.notify_all()
-
-    @contextlib.asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[None]:
-        async with self._cond:
-            self._waiting += 1
-            try:
-                await self._cond.wait_for(lambda: not self._exclusive and not self._shared)
-            finally:
-                self._waiting -= 1
-            self._exclusive = True
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
-
-
-@dataclass
-class _Slot:
-    """One agent's locks, dirty tracker (key -> latest written revision) and last access."""
-
-    op_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    gate: _Gate = field(default_factory=_Gate)
-    dirty: dict[str, int] = field(default_factory=dict)
-    last_access: float = 0.0
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True, slots=True)
-class HydrationResult:
-    """``rows`` loaded from SQL; ``created`` in KV; ``skipped`` because KV already had them."""
-
-    agent_id: uuid.UUID
-    rows: int
-    created: int
-    skipped: int
-    sql_load: bool  # False: the agent was already ACTIVE, nothing was loaded
-
-
-@dataclass(frozen=True, slots=True)
-class RestoreResult:
-    """What ``restore`` did: keys written back, keys removed, the checkpoint's KV revision."""
-
-    checkpoint_id: uuid.UUID
-    kv_revision: int
-    written: int
-    removed: int
-
-
-COUNTERS: Final = (
-    "sql_loads", "hydrations", "hydration_joins", "hydration_failures", "keys_hydrated",
-    "keys_skipped", "hydration_peak_in_flight", "writes", "deletes", "reads", "read_fallbacks",
-    "read_races",
-    "flushes", "flush_failures", "rows_flushed", "dirty_lost", "checkpoints", "restores",
-    "expirations", "expire_failures", "sweeps",
-)
-
-
-# --------------------------------------------------------------------------- the manager
-
-
-class StateLifecycleManager:
+class StateLifecycleManager(AgentIO):
     """Per-agent lifecycle over one KV bucket and ``agents.state``.
 
     ::
@@ -294,36 +122,16 @@ class StateLifecycleManager:
             raise InvalidOptionError(
                 f"idle_timeout ({idle} s) must be below the bucket ttl ({ttl} s): otherwise KV "
                 "drops an idle agent's values before it is flushed and expired")
-        hydrate_chunk = positive_int("hydrate_chunk", hydrate_chunk)
-        sql_timeout = positive_seconds("sql_timeout", sql_timeout)
-        nats_timeout = positive_seconds("nats_timeout", nats_timeout)
         if sweep_interval is not None:
             sweep_interval = positive_seconds("sweep_interval", sweep_interval)
         if not isinstance(flush_on_close, bool):
             raise InvalidOptionError(f"flush_on_close must be a bool, got {flush_on_close!r}")
-        if not callable(clock):
-            raise InvalidOptionError(f"clock must be a callable returning seconds, got "
-                                     f"{clock!r}")
-        self.ms = ms
-        self.bucket = check_bucket_name(bucket)
-        self.stream = f"KV_{bucket}"
-        self.subject_prefix = f"$KV.{bucket}."
-        self.ttl = ttl
+        super().__init__(ms, bucket=bucket, ttl=ttl, hydrate_chunk=hydrate_chunk,
+                         sql_timeout=sql_timeout, nats_timeout=nats_timeout, clock=clock)
         self.idle_timeout = idle
         self.sweep_interval = sweep_interval if sweep_interval is not None else min(idle / 4, 30.0)
-        self.hydrate_chunk = hydrate_chunk
-        self.sql_timeout = sql_timeout
-        self.nats_timeout = nats_timeout
         self.flush_on_close = flush_on_close
-        self.clock = clock
-        self.tracker = StateTracker()
-        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
-        self.last_error: BaseException | None = None
-        self._slots: dict[uuid.UUID, _Slot] = {}
-        self._inflight: dict[uuid.UUID, asyncio.Task[HydrationResult]] = {}
-        self._kv: KeyValue | None = None
-        self._sweeper: asyncio.Task[None] | None = None
-        self._closed = False
+        self._sweeper: Worker | None = None
 
     # ---------------------------------------------------------------- open / close
 
@@ -335,24 +143,31 @@ class StateLifecycleManager:
         return lm
 
     async def start(self, *, sweeper: bool = True) -> None:
-        """Open the bucket (``ttl`` as max age) and start the idle sweeper."""
+        """Open the bucket (``ttl`` as max age), read its epoch, start the idle sweeper.
+
+        The sweeper's failure policy: an agent whose flush or purge fails stays ACTIVE with
+        its dirty keys (``expire_failures``, ``last_error``); the sweep then raises, and the
+        :class:`~msstore._background.Worker` logs it and tries again after a backoff that
+        starts at ``sweep_interval`` and doubles up to four times it. Nothing is dropped: an
+        agent leaves KV only after its flush committed.
+        """
         if self._kv is not None or self._closed:
             raise NotOpenError("a StateLifecycleManager can be started once; it is "
                                f"{'closed' if self._closed else 'already started'}")
-        with nats_errors(f"open KV bucket {self.bucket!r}"):
-            self._kv = await ensure_bucket(self.ms.js, self.bucket, ttl=self.ttl)
+        await self._open_bucket()
         if sweeper:
-            self._sweeper = asyncio.create_task(self._sweep_forever(),
-                                                name=f"msstore-lifecycle-sweeper-{self.bucket}")
+            self._sweeper = Worker(f"lifecycle-sweeper-{self.bucket}", self._sweep,
+                                   interval=self.sweep_interval,
+                                   base_backoff=self.sweep_interval,
+                                   max_backoff=4 * self.sweep_interval)
+            self._sweeper.start()
 
     async def close(self) -> None:
         """Stop the sweeper, then flush every ACTIVE agent (raises if a flush fails)."""
         if self._closed:
             return
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await self._sweeper.stop()
             self._sweeper = None
         try:
             if self.flush_on_close and self._kv is not None:
@@ -372,19 +187,6 @@ class StateLifecycleManager:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.close()
-
-    def _bucket(self) -> KeyValue:
-        if self._kv is None or self._closed:
-            raise not_open("StateLifecycleManager", "closed" if self._closed else "not started",
-                           "use `async with StateLifecycleManager(ms) as lm` or "
-                           "`await StateLifecycleManager.open(ms)`")
-        return self._kv
-
-    def _slot(self, agent: uuid.UUID) -> _Slot:
-        slot = self._slots.get(agent)
-        if slot is None:
-            slot = self._slots[agent] = _Slot(last_access=self.clock())
-        return slot
 
     # ---------------------------------------------------------------- observing
 
@@ -419,20 +221,6 @@ class StateLifecycleManager:
 
     # ---------------------------------------------------------------- reads and writes
 
-    @contextlib.asynccontextmanager
-    async def _active(self, agent: uuid.UUID) -> AsyncIterator[_Slot]:
-        """Hydrate if needed, then hold the agent's shared gate while it is ACTIVE/FLUSHING."""
-        for _attempt in range(5):
-            await self.hydrate_agent(agent)
-            slot = self._slot(agent)
-            async with slot.gate.shared():
-                if self.tracker.state(agent) in (S.ACTIVE, S.FLUSHING):
-                    slot.last_access = self.clock()
-                    yield slot
-                    return
-        raise StoreUnavailableError(
-            f"agent {agent} expired five times while being accessed; raise idle_timeout")
-
     async def write(self, agent_id: uuid.UUID | str, key: str, value: Any) -> int:
         """Put ``value`` into KV and mark ``key`` dirty; return the KV revision."""
         agent = agent_uuid(agent_id)
@@ -442,7 +230,7 @@ class StateLifecycleManager:
         async with self._active(agent) as slot:
             with nats_errors(f"write {key!r}"):
                 revision = await kv.put(kv_key, data)
-            slot.dirty[key] = max(revision, slot.dirty.get(key, 0))
+            await self._mark_dirty(slot, {key: revision})
         self.counters["writes"] += 1
         return revision
 
@@ -452,283 +240,76 @@ class StateLifecycleManager:
         kv_key = join_key(str(agent), check_key(key))
         self._bucket()
         async with self._active(agent) as slot:
-            revision = await self._publish_delete(kv_key)
-            slot.dirty[key] = max(revision, slot.dirty.get(key, 0))
+            with nats_errors(f"delete {kv_key!r}"):
+                revision = await _nats.publish_delete(self.ms.js, self.subject_prefix + kv_key)
+            await self._mark_dirty(slot, {key: revision})
         self.counters["deletes"] += 1
         return revision
 
     async def read(self, agent_id: uuid.UUID | str, key: str, default: Any = _MISSING) -> Any:
         """Read ``key`` from KV (hydrating the agent first if needed).
 
-        A key with no KV message at all (the bucket's max age dropped it) is read from SQL and
-        created in KV if still absent. Raises :class:`NotFoundError` unless ``default``.
+        A key with no KV message at all (the bucket's max age dropped it) is read through
+        (:func:`msstore._readthrough.read_through`): the SQL row, created in KV if KV still has
+        nothing, else KV's newer value or delete marker. Raises :class:`NotFoundError` unless
+        ``default``.
         """
         agent = agent_uuid(agent_id)
         kv_key = join_key(str(agent), check_key(key))
         kv = self._bucket()
         self.counters["reads"] += 1
+
+        async def read_kv() -> KVRead[bytes]:
+            with nats_errors(f"read {key!r}"):
+                return await _nats.kv_read(kv, kv_key)
+
+        async def load() -> bytes | None:
+            with pg_errors(f"read {key!r} of agent {agent}"):
+                row = await self.ms.pool.fetchrow(
+                    "SELECT value FROM agents.state WHERE agent_id = $1 AND key = $2",
+                    agent, key, timeout=self.sql_timeout)
+            if row is None:
+                return None
+            self.counters["read_fallbacks"] += 1
+            data = dumps(row["value"])  # compact, as written; never PostgreSQL's text form
+            await self._after_sql_read(agent, key)
+            return data
+
+        async def create(data: bytes) -> bool:
+            with nats_errors(f"re-create {key!r}"):
+                created = await _nats.create_hydrated(self.ms.js, self.subject_prefix + kv_key,
+                                                      data)
+            self.counters["read_races"] += not created
+            return created
+
         async with self._active(agent):
-            try:
-                with nats_errors(f"read {key!r}"):
-                    entry = await kv.get(kv_key)
-                return loads(entry.value or b"null")
-            except nats.js.errors.KeyNotFoundError as e:
-                if e.op is None:
-                    found = await self._read_through(agent, key, kv_key)
-                    if found is not _MISSING:
-                        return found
+            got = await read_through(read_kv, load, create, bytes)
+        if got.found and got.value is not None:
+            return loads(got.value)
         if default is not _MISSING:
             return default
         raise NotFoundError(f"agent {agent} has no key {key!r}")
 
-    async def _read_through(self, agent: uuid.UUID, key: str, kv_key: str) -> Any:
-        """The SQL row, created in KV if KV still has nothing; KV's value if that race is lost.
-
-        Losing the create-if-absent race means another writer put a newer value (or a delete
-        marker) into KV after the SQL read: that value wins and is read again from KV, like the
-        hybrid manager, the repository and the tiered cache do.
-        """
-        kv = self._bucket()
-        data = b""
-        for _attempt in range(3):
-            text = await self._sql(f"read {key!r} of agent {agent}", self.ms.pool.fetchval(
-                "SELECT value::text FROM agents.state WHERE agent_id = $1 AND key = $2",
-                agent, key, timeout=self.sql_timeout))
-            if text is None:
-                return _MISSING
-            self.counters["read_fallbacks"] += 1
-            data = str(text).encode()
-            await self._after_sql_read(agent, key)
-            try:
-                with nats_errors(f"re-create {key!r}"):
-                    await kv.update(kv_key, data, last=0)
-                return loads(data)
-            except nats.js.errors.KeyWrongLastSequenceError:
-                self.counters["read_races"] += 1
-            try:
-                with nats_errors(f"read {key!r}"):
-                    entry = await kv.get(kv_key)
-                return loads(entry.value or b"null")
-            except nats.js.errors.KeyNotFoundError as e:
-                if e.op is not None:
-                    return _MISSING  # deleted after the SQL read: the delete wins
-                # no message again (the bucket's max age dropped it): read SQL again
-        return loads(data)  # three lost races in a row: the SQL row is still committed
-
     async def _after_sql_read(self, agent: uuid.UUID, key: str) -> None:
         """Test seam: runs between the read-through's SQL read and its KV create."""
-
-    # ---------------------------------------------------------------- hydration
-
-    async def hydrate_agent(self, agent_id: uuid.UUID | str) -> HydrationResult:
-        """Load the agent's rows into KV (COLD/EXPIRED → HYDRATING → ACTIVE); single-flight.
-
-        Concurrent calls for one agent await the same hydration; an ACTIVE agent is a no-op.
-        """
-        agent = agent_uuid(agent_id)
-        self._bucket()
-        task = self._inflight.get(agent)
-        if task is None:
-            if self.tracker.state(agent) in (S.ACTIVE, S.FLUSHING):
-                return HydrationResult(agent, 0, 0, 0, sql_load=False)
-            task = asyncio.create_task(self._hydrate(agent), name=f"msstore-hydrate-{agent}")
-            self._inflight[agent] = task
-            task.add_done_callback(lambda t: self._inflight.pop(agent, None)
-                                   if self._inflight.get(agent) is t else None)
-        else:
-            self.counters["hydration_joins"] += 1
-        return await asyncio.shield(task)
-
-    async def _hydrate(self, agent: uuid.UUID) -> HydrationResult:
-        slot = self._slot(agent)
-        async with slot.op_lock:
-            if self.tracker.state(agent) in (S.ACTIVE, S.FLUSHING):
-                return HydrationResult(agent, 0, 0, 0, sql_load=False)
-            self.tracker.transition(agent, S.HYDRATING)
-            try:
-                self.counters["sql_loads"] += 1
-                rows = await self._sql(f"load agent {agent}", self.ms.pool.fetch(
-                    "SELECT key, value::text AS value FROM agents.state WHERE agent_id = $1",
-                    agent, timeout=self.sql_timeout))
-                created = await self._create_all(_kv_items(agent, rows))
-            except BaseException:
-                self.counters["hydration_failures"] += 1
-                self.tracker.transition(agent, S.COLD)
-                raise
-            slot.last_access = self.clock()
-            self.tracker.transition(agent, S.ACTIVE)
-        self.counters["hydrations"] += 1
-        self.counters["keys_hydrated"] += created
-        self.counters["keys_skipped"] += len(rows) - created
-        return HydrationResult(agent, len(rows), created, len(rows) - created, sql_load=True)
-
-    async def _create_all(self, items: Sequence[tuple[str, bytes]]) -> int:
-        """Create-if-absent every item, at most ``hydrate_chunk`` in flight; count created.
-
-        Each create is a compare-and-set publish, exactly what ``kv.update(key, data, last=0)``
-        sends (``Nats-Expected-Last-Subject-Sequence: 0``: only if KV has no message for the
-        key, so a newer value *or a delete marker* wins), but published with ``nc.publish`` and
-        acknowledged on one inbox subscription for the whole hydration instead of one request
-        (future, timer, JSON, dataclass) per key. The window slides: it is refilled once half
-        of it is acknowledged. An ack with "wrong last sequence" counts as skipped, any other
-        error is raised; no ack progress within ``nats_timeout`` raises StoreTimeoutError.
-        """
-        self._bucket()
-        if not items:
-            return 0
-        nc = self.ms.nc
-        window = self.hydrate_chunk
-        refill_at = window // 2
-        headers = {_EXPECTED_LAST_SUBJECT_SEQ: "0"}
-        prefix = self.subject_prefix
-        acks = _CreateAcks()
-        peak = self.counters["hydration_peak_in_flight"]
-        n = len(items)
-        sent = 0
-        with nats_errors("hydrate KV"):
-            inbox = nc.new_inbox()
-            sub = await nc.subscribe(inbox, cb=acks.on_ack)
-            try:
-                while True:
-                    if acks.error is not None:
-                        raise acks.error
-                    room = min(window - acks.in_flight, n - sent)
-                    for kv_key, data in items[sent:sent + room]:
-                        acks.in_flight += 1  # before the publish: its ack may come during it
-                        if acks.in_flight > peak:
-                            peak = self.counters["hydration_peak_in_flight"] = acks.in_flight
-                        await nc.publish(prefix + kv_key, data, reply=inbox, headers=headers)
-                    sent += max(room, 0)
-                    acks.wake_at = refill_at if sent < n else 0
-                    if acks.in_flight <= acks.wake_at:
-                        if sent >= n:
-                            break
-                        continue
-                    acks.wake.clear()
-                    if not await wait_event(acks.wake, self.nats_timeout):
-                        raise nats.errors.TimeoutError(
-                            f"{acks.in_flight} of {n} creates not acknowledged within "
-                            f"{self.nats_timeout} s") from None
-            finally:
-                with contextlib.suppress(nats.errors.Error):  # closed connection: no sub left
-                    await sub.unsubscribe()
-        if acks.error is not None:
-            raise acks.error  # cannot happen after all acks, but never report a failure as done
-        if acks.created + acks.skipped != n:  # pragma: no cover - a broken server
-            raise StoreUnavailableError(
-                f"hydration got {acks.created + acks.skipped} acks for {n} creates")
-        return acks.created
-
-    # ---------------------------------------------------------------- flushing
-
-    async def flush_agent(self, agent_id: uuid.UUID | str) -> MergeResult:
-        """ACTIVE → FLUSHING → ACTIVE: commit the dirty keys in one transaction.
-
-        On failure the transaction rolls back, the dirty keys are kept, the agent is ACTIVE
-        again and :class:`StoreUnavailableError` is raised: call ``flush_agent`` again later.
-        A COLD or EXPIRED agent has nothing to flush.
-        """
-        agent = agent_uuid(agent_id)
-        self._bucket()
-        async with self._slot(agent).op_lock:
-            return await self._flush_locked(agent)
-
-    async def _flush_locked(self, agent: uuid.UUID) -> MergeResult:
-        if self.tracker.state(agent) is not S.ACTIVE:
-            return MergeResult(0, 0, 0)
-        slot = self._slot(agent)
-        self.tracker.transition(agent, S.FLUSHING)
-        try:
-            snapshot = dict(slot.dirty)
-            changes, gone = await self._read_changes(agent, snapshot)
-            result = MergeResult(0, 0, 0)
-            if changes:
-                result = await self._sql(f"flush {len(changes)} keys of agent {agent}",
-                                         self._merge_in_transaction(changes))
-        except BaseException as e:
-            self.counters["flush_failures"] += 1
-            self.last_error = e
-            self.tracker.transition(agent, S.ACTIVE)  # revert; the dirty keys are untouched
-            raise
-        for change in changes:
-            if slot.dirty.get(change.key, 0) <= change.revision:
-                del slot.dirty[change.key]
-        for key in gone:  # no KV message left (the bucket's max age dropped it): unflushable
-            if slot.dirty.get(key) == snapshot[key]:
-                del slot.dirty[key]
-                self.counters["dirty_lost"] += 1
-        self.counters["flushes"] += 1
-        self.counters["rows_flushed"] += result.rows
-        self.tracker.transition(agent, S.ACTIVE)
-        return result
-
-    async def _merge_in_transaction(self, changes: Sequence[StateChange]) -> MergeResult:
-        async with self.ms.pool.acquire(timeout=self.sql_timeout) as conn, conn.transaction():
-            return await merge_changes(cast(asyncpg.Connection, conn), changes,
-                                       statement_timeout=self.sql_timeout)
-
-    async def _read_changes(self, agent: uuid.UUID, keys: Iterable[str]
-                            ) -> tuple[list[StateChange], list[str]]:
-        """The current KV value (or delete marker) of each key, read in one pipelined batch."""
-        kv = self._bucket()
-
-        async def get(key: str) -> StateChange | str:
-            try:
-                entry = await kv.get(join_key(str(agent), key))
-            except nats.js.errors.KeyNotFoundError as e:
-                if e.op in _DELETE_OPS and e.entry is not None:
-                    return StateChange(agent, key, int(e.entry.revision or 0), None)
-                return key
-            return StateChange(agent, key, int(entry.revision or 0), entry.value or b"null")
-
-        with nats_errors(f"read dirty keys of agent {agent}"):
-            got = await asyncio.gather(*(get(k) for k in keys))
-        return ([g for g in got if isinstance(g, StateChange)],
-                [g for g in got if isinstance(g, str)])
 
     # ---------------------------------------------------------------- checkpoints
 
     async def checkpoint(self, agent_id: uuid.UUID | str) -> uuid.UUID:
-        """Snapshot the agent's live KV state into ``agents.checkpoints``; return its id."""
+        """Snapshot the agent's live KV state into ``agents.checkpoints``; return its id.
+
+        ``kv_revision`` is the highest KV revision among the agent's keys (delete markers
+        included): no write of the agent runs during the snapshot, so it is exactly the
+        agent's state as of that revision.
+        """
         agent = agent_uuid(agent_id)
-        self._bucket()
-        while True:
-            await self.hydrate_agent(agent)
-            slot = self._slot(agent)
-            async with slot.op_lock, slot.gate.exclusive():
-                if self.tracker.state(agent) is not S.ACTIVE:
-                    continue  # expired between hydration and the lock: hydrate again
-                values, _revisions, max_rev = await self._snapshot(agent)
-                checkpoint_id: uuid.UUID = await self._sql(
-                    f"checkpoint agent {agent}", self.ms.pool.fetchval(
-                        "INSERT INTO agents.checkpoints (agent_id, state_snapshot, kv_revision) "
-                        "VALUES ($1, $2::jsonb, $3) RETURNING checkpoint_id",
-                        agent, {k: loads(v) for k, v in values.items()}, max_rev,
-                        timeout=self.sql_timeout))
-                slot.last_access = self.clock()
-                break
+        kv = self._bucket()
+        async with self._alone(agent):
+            snap = await checkpoints.snapshot(kv, agent, nats_timeout=self.nats_timeout)
+            checkpoint_id = await checkpoints.save(self.ms.pool, agent, snap,
+                                                   sql_timeout=self.sql_timeout)
         self.counters["checkpoints"] += 1
         return checkpoint_id
-
-    async def _snapshot(self, agent: uuid.UUID) -> tuple[dict[str, bytes], dict[str, int], int]:
-        """(live values, revision per key incl. delete markers, highest revision) from KV."""
-        kv = self._bucket()
-        values: dict[str, bytes] = {}
-        revisions: dict[str, int] = {}
-        with nats_errors(f"snapshot agent {agent}"):
-            watcher = await kv.watch(f"{encode_token(str(agent))}.>")
-            try:
-                while (entry := await watcher.updates(  # type: ignore[no-untyped-call]
-                        timeout=self.nats_timeout)) is not None:
-                    key = split_key(entry.key, 1)[1]
-                    revisions[key] = int(entry.revision)
-                    if entry.operation in _DELETE_OPS:
-                        values.pop(key, None)
-                    else:
-                        values[key] = entry.value or b"null"
-            finally:
-                await watcher.stop()  # type: ignore[no-untyped-call]
-        return values, revisions, max(revisions.values(), default=0)
 
     async def restore(self, agent_id: uuid.UUID | str,
                       checkpoint_id: uuid.UUID | str) -> RestoreResult:
@@ -739,51 +320,22 @@ class StateLifecycleManager:
         """
         agent = agent_uuid(agent_id)
         cp = agent_uuid(checkpoint_id)
-        self._bucket()
-        row = await self._sql(f"read checkpoint {cp}", self.ms.pool.fetchrow(
-            "SELECT state_snapshot, kv_revision FROM agents.checkpoints "
-            "WHERE agent_id = $1 AND checkpoint_id = $2", agent, cp, timeout=self.sql_timeout))
-        if row is None:
-            raise NotFoundError(f"agent {agent} has no checkpoint {cp}; list them in "
-                                "agents.checkpoints")
-        snapshot: dict[str, Any] = row["state_snapshot"]
-        encoded = [(k, dumps(v, max_bytes=1 << 30)) for k, v in snapshot.items()]
-        while True:
-            await self.hydrate_agent(agent)
-            slot = self._slot(agent)
-            async with slot.op_lock, slot.gate.exclusive():
-                if self.tracker.state(agent) is not S.ACTIVE:
-                    continue
-                _values, current, _rev = await self._snapshot(agent)
-                removed = sorted(set(current) - set(snapshot))
-                with nats_errors(f"restore agent {agent} into KV"):
-                    put_revs = await asyncio.gather(*(
-                        self._bucket().put(join_key(str(agent), k), d) for k, d in encoded))
-                    del_revs = await asyncio.gather(*(
-                        self._publish_delete(join_key(str(agent), k)) for k in removed))
-                changes = [StateChange(agent, k, int(r), d)
-                           for (k, d), r in zip(encoded, put_revs, strict=True)]
-                changes += [StateChange(agent, k, int(r), None)
-                            for k, r in zip(removed, del_revs, strict=True)]
-                # KV now holds the checkpoint; until SQL does too, every key stays dirty
-                slot.dirty.update({c.key: c.revision for c in changes})
-                await self._sql(f"restore agent {agent} into PostgreSQL",
-                                self._restore_sql(agent, changes, list(snapshot)))
-                slot.dirty.clear()
-                slot.last_access = self.clock()
-                break
+        kv = self._bucket()
+        values, kv_revision = await checkpoints.load(self.ms.pool, agent, cp,
+                                                     sql_timeout=self.sql_timeout)
+        async with self._alone(agent) as slot:
+            current = await checkpoints.snapshot(kv, agent, nats_timeout=self.nats_timeout)
+            removed = sorted(set(current.revisions) - set(values))
+            changes = await checkpoints.write_back(self.ms.js, kv, self.subject_prefix, agent,
+                                                   values, removed)
+            # KV now holds the checkpoint; until SQL does too, every key stays dirty
+            await self._mark_dirty(slot, {c.key: c.revision for c in changes})
+            await checkpoints.restore_sql(self.ms.pool, agent, changes, list(values),
+                                          epoch=self._epochs().epoch,
+                                          sql_timeout=self.sql_timeout)
+            slot.dirty.clear()
         self.counters["restores"] += 1
-        return RestoreResult(cp, int(row["kv_revision"] or 0), len(encoded), len(removed))
-
-    async def _restore_sql(self, agent: uuid.UUID, changes: Sequence[StateChange],
-                           keep: list[str]) -> None:
-        async with self.ms.pool.acquire(timeout=self.sql_timeout) as conn, conn.transaction():
-            await merge_changes(cast(asyncpg.Connection, conn), changes,
-                                statement_timeout=self.sql_timeout)
-            # rows KV never held (e.g. dropped by max age) are not in the snapshot either
-            await conn.execute(
-                "DELETE FROM agents.state WHERE agent_id = $1 AND NOT (key = ANY($2::text[]))",
-                agent, keep, timeout=self.sql_timeout)
+        return RestoreResult(cp, kv_revision, len(values), len(removed))
 
     # ---------------------------------------------------------------- expiry
 
@@ -802,20 +354,27 @@ class StateLifecycleManager:
         if now is not None and (isinstance(now, bool) or not isinstance(now, int | float)):
             raise InvalidOptionError(f"now must be a clock reading in seconds or None, got "
                                      f"{now!r}")
+        expired, _failed = await self._expire_idle(now)
+        return expired
+
+    async def _expire_idle(self, now: float | None
+                           ) -> tuple[list[uuid.UUID], list[BaseException]]:
         cutoff = (self.clock() if now is None else now) - self.idle_timeout
         idle = [a for a, s in self._slots.items()
                 if s.last_access <= cutoff and self.tracker.state(a) is S.ACTIVE]
         results = await asyncio.gather(*(self._expire(a, idle_before=cutoff) for a in idle),
                                        return_exceptions=True)
         expired: list[uuid.UUID] = []
+        failed: list[BaseException] = []
         for agent, r in zip(idle, results, strict=True):
             if isinstance(r, BaseException):
                 self.counters["expire_failures"] += 1
                 self.last_error = r
+                failed.append(r)
                 log.warning("expiring agent %s failed: %r", agent, r)
             elif r:
                 expired.append(agent)
-        return expired
+        return expired, failed
 
     async def _expire(self, agent: uuid.UUID, idle_before: float | None) -> bool:
         slot = self._slot(agent)
@@ -836,96 +395,12 @@ class StateLifecycleManager:
         self.counters["expirations"] += 1
         return True
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.sweep_interval)
-            self.counters["sweeps"] += 1
-            try:
-                await self.expire_idle()
-            except Exception as e:  # keep sweeping; the error is visible in last_error
-                self.last_error = e
-                log.warning("lifecycle sweep failed: %r", e)
-
-    # ---------------------------------------------------------------- helpers
-
-    async def _publish_delete(self, kv_key: str) -> int:
-        with nats_errors(f"delete {kv_key!r}"):
-            ack = await self.ms.js.publish(f"{self.subject_prefix}{kv_key}", b"",
-                                           headers={KV_OPERATION: "DEL"})
-        return int(ack.seq)
-
-    async def _sql(self, what: str, aw: Awaitable[T]) -> T:
-        """``await aw`` under msstore's PostgreSQL error policy (:mod:`msstore._pg`)."""
-        with pg_errors(what):
-            return await aw
-
-
-
-_EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
-#: JSStreamWrongLastSequenceErrF, JSStreamWrongLastSequenceConstantErr: KV has a message already
-_WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})
-
-
-class _CreateAcks:
-    """The JetStream acks of one hydration's creates, counted as they arrive on its inbox."""
-
-    __slots__ = ("created", "error", "in_flight", "skipped", "wake", "wake_at")
-
-    def __init__(self) -> None:
-        self.in_flight = 0  # published, not acknowledged yet
-        self.created = 0
-        self.skipped = 0
-        self.error: nats.errors.Error | None = None
-        self.wake_at = 0  # wake the publisher once in_flight drops to this
-        self.wake = asyncio.Event()
-
-    async def on_ack(self, msg: Msg) -> None:
-        data = msg.data
-        if data and b'"error"' not in data:
-            self.created += 1  # the common case, without parsing the ack
-        else:
-            self._unusual(msg)
-        self.in_flight -= 1
-        if self.in_flight <= self.wake_at or self.error is not None:
-            self.wake.set()
-
-    def _unusual(self, msg: Msg) -> None:
-        resp: Any = None
-        with contextlib.suppress(ValueError):
-            resp = json.loads(msg.data) if msg.data else None
-        if isinstance(resp, dict) and "error" not in resp:
-            self.created += 1  # '"error"' was inside a value (e.g. a domain name)
-            return
-        err: nats.errors.Error
-        if isinstance(resp, dict) and isinstance(resp["error"], dict):
-            if resp["error"].get("err_code") in _WRONG_LAST_SEQUENCE:
-                self.skipped += 1  # KV has a newer value or a delete marker: it wins
-                return
-            try:
-                nats.js.errors.APIError.from_error(resp["error"])  # raises the typed error
-            except nats.errors.Error as e:
-                err = e
-            except Exception:  # an error without the usual fields
-                err = nats.js.errors.APIError(description=str(resp["error"]))
-        elif msg.headers and msg.headers.get("Status") == "503":
-            err = nats.js.errors.NoStreamResponseError()  # no stream listens on the subject
-        else:
-            err = nats.js.errors.APIError(description=f"unexpected JetStream ack {msg.data!r}")
-        if self.error is None:
-            self.error = err
-
-
-def _kv_items(agent: uuid.UUID, rows: Iterable[asyncpg.Record]) -> list[tuple[str, bytes]]:
-    """``(join_key(agent, key), value)`` per row, the agent token encoded once, not per row."""
-    head = encode_token(str(agent)) + "."
-    items: list[tuple[str, bytes]] = []
-    for r in rows:
-        kv_key = head + encode_key(r["key"])
-        if len(kv_key) > MAX_ENCODED_KEY:
-            kv_key = join_key(str(agent), r["key"])  # raises join_key's InvalidKeyError
-        items.append((kv_key, str(r["value"]).encode()))
-    return items
-
+    async def _sweep(self) -> None:
+        """One sweep of the background :class:`Worker`; raises to be retried after a backoff."""
+        self.counters["sweeps"] += 1
+        _expired, failed = await self._expire_idle(None)
+        if failed:
+            raise failed[0]
 
 __all__ = [
     "COUNTERS",

@@ -17,10 +17,11 @@ import nats.js.errors
 import pytest
 
 import msstore
-from msstore import services
+from msstore import _nats, services
 from msstore.codec import dumps
 from msstore.errors import NotFoundError, StoreUnavailableError
 from msstore.hybrid import StateChange, merge_changes
+from msstore.kv import ensure_bucket
 from msstore.lifecycle import IllegalTransitionError, LifecycleState, StateLifecycleManager
 from tests.fakes import FakeClock
 
@@ -356,3 +357,80 @@ async def test_the_background_sweeper_expires_idle_agents(
         assert lm.state(agent) is S.EXPIRED
         assert lm.counters["sweeps"] >= 1
         assert await lm.read(agent, "k") == "v"
+
+
+# --------------------------------------------------------------------------- epochs
+
+
+async def bucket_epoch(lm: StateLifecycleManager) -> int:
+    return _nats.stream_epoch(await lm.ms.js.stream_info(lm.stream))
+
+
+async def sql_epochs(ms: msstore.Connection, agent: uuid.UUID) -> dict[str, int]:
+    rows = await ms.pool.fetch(
+        "SELECT key, epoch FROM agents.state WHERE agent_id = $1 UNION ALL "
+        "SELECT 'tombstone:' || key, epoch FROM agents.state_tombstones WHERE agent_id = $1",
+        agent)
+    return {r["key"]: r["epoch"] for r in rows}
+
+
+async def recreate_bucket(lm: StateLifecycleManager) -> int:
+    """Delete the bucket under the running manager and create it again; the new epoch."""
+    before = await bucket_epoch(lm)
+    await lm.ms.js.delete_key_value(lm.bucket)
+    await ensure_bucket(lm.ms.js, lm.bucket, ttl=lm.ttl)
+    after = await bucket_epoch(lm)
+    assert after not in (0, before)
+    return after
+
+
+async def test_flushed_and_restored_rows_carry_the_buckets_epoch(
+        lm: StateLifecycleManager, ms: msstore.Connection) -> None:
+    agent = uuid.uuid4()
+    epoch = await bucket_epoch(lm)
+    await lm.write(agent, "a", 1)
+    await lm.write(agent, "gone", 2)
+    await lm.flush_agent(agent)
+    await lm.delete(agent, "gone")
+    await lm.flush_agent(agent)
+    assert await sql_epochs(ms, agent) == {"a": epoch, "tombstone:gone": epoch}
+    checkpoint = await lm.checkpoint(agent)
+    await lm.write(agent, "b", 3)
+    await lm.flush_agent(agent)
+    await lm.restore(agent, checkpoint)
+    assert (await sql_epochs(ms, agent))["a"] == epoch
+    assert "b" not in await sql_epochs(ms, agent)
+
+
+async def test_a_bucket_recreated_under_a_running_manager_still_lands_its_writes(
+        lm: StateLifecycleManager, ms: msstore.Connection) -> None:
+    agent = uuid.uuid4()
+    for i in range(5):
+        await lm.write(agent, "k", i)
+    await lm.write(agent, "other", "x")
+    await lm.flush_agent(agent)
+    assert await sql_state(ms.pool, agent) == {"k": (4, 5), "other": ("x", 6)}
+
+    epoch = await recreate_bucket(lm)
+    assert await lm.write(agent, "k", "new") == 1      # versions restart at 1
+    assert await lm.delete(agent, "other") == 2
+    await lm.flush_agent(agent)
+    assert await sql_state(ms.pool, agent) == {"k": ("new", 1)}
+    assert await sql_epochs(ms, agent) == {"k": epoch, "tombstone:other": epoch}
+    assert lm.dirty(agent) == frozenset()
+    assert lm.state(agent) is S.ACTIVE
+
+
+async def test_a_flush_that_reads_back_an_older_revision_reads_the_epoch_again(
+        lm: StateLifecycleManager, ms: msstore.Connection) -> None:
+    """Dirty keys of the old incarnation, rewritten by another process after the recreation."""
+    agent = uuid.uuid4()
+    for i in range(3):
+        await lm.write(agent, "k", i)
+    epoch = await recreate_bucket(lm)
+    kv = await ms.js.key_value(lm.bucket)
+    await kv.put(msstore.join_key(str(agent), "k"), dumps("theirs"))  # revision 1
+    await lm.flush_agent(agent)
+    assert await sql_state(ms.pool, agent) == {"k": ("theirs", 1)}
+    assert await sql_epochs(ms, agent) == {"k": epoch}
+    assert lm.dirty(agent) == frozenset()

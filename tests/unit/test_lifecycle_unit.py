@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import uuid
 from collections import deque
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from msstore._nats import BucketEpoch
 from msstore.errors import InvalidKeyError, InvalidOptionError, MsstoreError, NotOpenError
 from msstore.lifecycle import (
     TRANSITIONS,
@@ -162,3 +165,38 @@ def test_listeners_must_be_callable() -> None:
     lm = StateLifecycleManager(None)  # type: ignore[arg-type]
     with pytest.raises(InvalidOptionError, match="listener"):
         lm.on_transition("print")  # type: ignore[arg-type]
+
+
+class FakeStreams:
+    """``stream_info`` of one stream that can be recreated (a new creation time, seq 0)."""
+
+    def __init__(self) -> None:
+        self.created = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+        self.last_seq = 0
+        self.calls = 0
+
+    async def stream_info(self, name: str) -> Any:
+        self.calls += 1
+        return SimpleNamespace(created=self.created,
+                               state=SimpleNamespace(last_seq=self.last_seq))
+
+    def recreate(self) -> None:
+        self.created += dt.timedelta(seconds=1)
+        self.last_seq = 0
+
+
+async def test_bucket_epoch_reads_again_only_when_a_revision_goes_back() -> None:
+    js = FakeStreams()
+    js.last_seq = 10
+    epoch = BucketEpoch(js, "b")  # type: ignore[arg-type]
+    first = await epoch.read()
+    assert first == int(js.created.timestamp() * 1_000_000) and epoch.high == 10
+    assert not await epoch.saw([11, 12]) and not await epoch.saw([])
+    assert (epoch.high, js.calls) == (12, 1)  # growing revisions: nothing to read
+    assert not await epoch.saw([5])           # lower, but the same incarnation (out of order)
+    assert (epoch.epoch, js.calls) == (first, 2)
+    js.recreate()
+    js.last_seq = 1
+    assert await epoch.saw([1])               # back to 1: a new incarnation
+    assert epoch.epoch == first + 1_000_000 and epoch.high == 1
+    assert not await epoch.saw([2]) and js.calls == 3

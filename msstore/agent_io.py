@@ -1,0 +1,315 @@
+"""One agent's state between PostgreSQL and KV, under the lifecycle's state machine.
+
+::
+
+    hydrate_agent   agents.state ──1 SELECT──▶ codec bytes ──pipelined creates──▶ KV
+    (single-flight)   COLD/EXPIRED → HYDRATING → ACTIVE        (never over a newer value
+                                                                or a delete marker)
+
+    flush_agent     KV ──dirty keys, 1 pipelined read──▶ merge_changes(epoch) ──▶ agents.state
+                      ACTIVE → FLUSHING → ACTIVE               one transaction, or nothing
+
+:class:`AgentIO` is the engine under :class:`msstore.lifecycle.StateLifecycleManager`: the
+per-agent slots (op lock, gate, dirty keys; :mod:`msstore.transitions`), the bucket's epoch
+(:class:`msstore._nats.BucketEpoch`) and the two moves that carry an agent's data between the
+tiers. The manager adds the public reads and writes, checkpoints and expiry on top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, TypeVar, cast
+
+import asyncpg
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from . import _nats
+from ._check import agent_uuid, not_open, positive_int, positive_seconds
+from ._pg import pg_errors
+from .codec import dumps
+from .errors import InvalidOptionError, StoreUnavailableError
+from .keys import MAX_ENCODED_KEY, encode_key, encode_token, join_key
+from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket, nats_errors
+from .merge import MergeResult, StateChange, merge_changes
+from .transitions import LifecycleState, Slot, StateTracker
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+log = logging.getLogger("msstore.lifecycle")
+
+T = TypeVar("T")
+S = LifecycleState
+
+
+@dataclass(frozen=True, slots=True)
+class HydrationResult:
+    """``rows`` loaded from SQL; ``created`` in KV; ``skipped`` because KV already had them."""
+
+    agent_id: uuid.UUID
+    rows: int
+    created: int
+    skipped: int
+    sql_load: bool  # False: the agent was already ACTIVE, nothing was loaded
+
+
+COUNTERS: Final = (
+    "sql_loads", "hydrations", "hydration_joins", "hydration_failures", "keys_hydrated",
+    "keys_skipped", "hydration_peak_in_flight", "writes", "deletes", "reads", "read_fallbacks",
+    "read_races",
+    "flushes", "flush_failures", "rows_flushed", "dirty_lost", "checkpoints", "restores",
+    "expirations", "expire_failures", "sweeps",
+)
+
+
+class AgentIO:
+    """Hydration and flushing of single agents, with their slots and the bucket's epoch."""
+
+    def __init__(self, ms: Connection, *, bucket: str = "agent_state",
+                 ttl: float = DEFAULT_TTL_SECONDS, hydrate_chunk: int = 256,
+                 sql_timeout: float = 30.0, nats_timeout: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not callable(clock):
+            raise InvalidOptionError(f"clock must be a callable returning seconds, got "
+                                     f"{clock!r}")
+        self.ms = ms
+        self.bucket = check_bucket_name(bucket)
+        self.stream = _nats.kv_stream(bucket)
+        self.subject_prefix = _nats.kv_prefix(bucket)
+        self.ttl = positive_seconds("ttl", ttl)
+        self.hydrate_chunk = positive_int("hydrate_chunk", hydrate_chunk)
+        self.sql_timeout = positive_seconds("sql_timeout", sql_timeout)
+        self.nats_timeout = positive_seconds("nats_timeout", nats_timeout)
+        self.clock = clock
+        self.tracker = StateTracker()
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.last_error: BaseException | None = None
+        self._slots: dict[uuid.UUID, Slot] = {}
+        self._inflight: dict[uuid.UUID, asyncio.Task[HydrationResult]] = {}
+        self._kv: KeyValue | None = None
+        self._epoch: _nats.BucketEpoch | None = None
+        self._closed = False
+
+    async def _open_bucket(self) -> None:
+        """Open the bucket (``ttl`` as max age) and read its epoch."""
+        epoch = _nats.BucketEpoch(self.ms.js, self.bucket)
+        with nats_errors(f"open KV bucket {self.bucket!r}"):
+            kv = await ensure_bucket(self.ms.js, self.bucket, ttl=self.ttl)
+            await epoch.read()
+        self._kv, self._epoch = kv, epoch
+
+    def _bucket(self) -> KeyValue:
+        if self._kv is None or self._closed:
+            raise not_open("StateLifecycleManager", "closed" if self._closed else "not started",
+                           "use `async with StateLifecycleManager(ms) as lm` or "
+                           "`await StateLifecycleManager.open(ms)`")
+        return self._kv
+
+    def _slot(self, agent: uuid.UUID) -> Slot:
+        slot = self._slots.get(agent)
+        if slot is None:
+            slot = self._slots[agent] = Slot(last_access=self.clock())
+        return slot
+
+    # ---------------------------------------------------------------- access to one agent
+
+    @contextlib.asynccontextmanager
+    async def _active(self, agent: uuid.UUID) -> AsyncIterator[Slot]:
+        """Hydrate if needed, then hold the agent's shared gate while it is ACTIVE/FLUSHING."""
+        for _attempt in range(5):
+            await self.hydrate_agent(agent)
+            slot = self._slot(agent)
+            async with slot.gate.shared():
+                if self.tracker.state(agent) in (S.ACTIVE, S.FLUSHING):
+                    slot.last_access = self.clock()
+                    yield slot
+                    return
+        raise StoreUnavailableError(
+            f"agent {agent} expired five times while being accessed; raise idle_timeout")
+
+    @contextlib.asynccontextmanager
+    async def _alone(self, agent: uuid.UUID) -> AsyncIterator[Slot]:
+        """Hydrate if needed, then hold the agent's op lock and its whole gate while ACTIVE."""
+        while True:
+            await self.hydrate_agent(agent)
+            slot = self._slot(agent)
+            async with slot.op_lock, slot.gate.exclusive():
+                if self.tracker.state(agent) is S.ACTIVE:
+                    yield slot
+                    slot.last_access = self.clock()
+                    return
+            # expired between the hydration and the lock: hydrate again
+
+    async def _mark_dirty(self, slot: Slot, revisions: Mapping[str, int]) -> None:
+        """Mark keys dirty at the revisions KV acknowledged; notice a recreated bucket."""
+        for key, revision in revisions.items():
+            slot.dirty[key] = max(revision, slot.dirty.get(key, 0))
+        with nats_errors(f"read the epoch of bucket {self.bucket!r}"):
+            if await self._epochs().saw(list(revisions.values())):
+                self._recreated()
+
+    def _recreated(self) -> None:
+        """The bucket has a new incarnation: old revisions mean nothing in it any more."""
+        log.warning("KV bucket %s was recreated (epoch %d): dirty keys are flushed as news",
+                    self.bucket, self._epochs().epoch)
+        for slot in self._slots.values():
+            for key in slot.dirty:
+                slot.dirty[key] = 0  # still dirty; any revision read back is newer
+
+    def _epochs(self) -> _nats.BucketEpoch:
+        assert self._epoch is not None, "started managers have an epoch"
+        return self._epoch
+
+    # ---------------------------------------------------------------- hydration
+
+    async def hydrate_agent(self, agent_id: uuid.UUID | str) -> HydrationResult:
+        """Load the agent's rows into KV (COLD/EXPIRED → HYDRATING → ACTIVE); single-flight.
+
+        Concurrent calls for one agent await the same hydration; an ACTIVE agent is a no-op.
+        """
+        agent = agent_uuid(agent_id)
+        self._bucket()
+        task = self._inflight.get(agent)
+        if task is None:
+            if self.tracker.state(agent) in (S.ACTIVE, S.FLUSHING):
+                return HydrationResult(agent, 0, 0, 0, sql_load=False)
+            task = asyncio.create_task(self._hydrate(agent), name=f"msstore-hydrate-{agent}")
+            self._inflight[agent] = task
+            task.add_done_callback(lambda t: self._inflight.pop(agent, None)
+                                   if self._inflight.get(agent) is t else None)
+        else:
+            self.counters["hydration_joins"] += 1
+        return await asyncio.shield(task)
+
+    async def _hydrate(self, agent: uuid.UUID) -> HydrationResult:
+        slot = self._slot(agent)
+        async with slot.op_lock:
+            if self.tracker.state(agent) in (S.ACTIVE, S.FLUSHING):
+                return HydrationResult(agent, 0, 0, 0, sql_load=False)
+            self.tracker.transition(agent, S.HYDRATING)
+            try:
+                self.counters["sql_loads"] += 1
+                rows = await self._sql(f"load agent {agent}", self.ms.pool.fetch(
+                    "SELECT key, value FROM agents.state WHERE agent_id = $1",
+                    agent, timeout=self.sql_timeout))
+                with nats_errors("hydrate KV"):
+                    done = await _nats.create_pipelined(
+                        self.ms.nc, self.subject_prefix, _kv_items(agent, rows),
+                        window=self.hydrate_chunk, ack_timeout=self.nats_timeout)
+            except BaseException:
+                self.counters["hydration_failures"] += 1
+                self.tracker.transition(agent, S.COLD)
+                raise
+            slot.last_access = self.clock()
+            self.tracker.transition(agent, S.ACTIVE)
+        peak = self.counters["hydration_peak_in_flight"]
+        self.counters["hydration_peak_in_flight"] = max(peak, done.peak_in_flight)
+        self.counters["hydrations"] += 1
+        self.counters["keys_hydrated"] += done.created
+        self.counters["keys_skipped"] += done.skipped
+        return HydrationResult(agent, len(rows), done.created, done.skipped, sql_load=True)
+
+    # ---------------------------------------------------------------- flushing
+
+    async def flush_agent(self, agent_id: uuid.UUID | str) -> MergeResult:
+        """ACTIVE → FLUSHING → ACTIVE: commit the dirty keys in one transaction.
+
+        On failure the transaction rolls back, the dirty keys are kept, the agent is ACTIVE
+        again and :class:`StoreUnavailableError` is raised: call ``flush_agent`` again later.
+        A COLD or EXPIRED agent has nothing to flush.
+        """
+        agent = agent_uuid(agent_id)
+        self._bucket()
+        async with self._slot(agent).op_lock:
+            return await self._flush_locked(agent)
+
+    async def _flush_locked(self, agent: uuid.UUID) -> MergeResult:
+        if self.tracker.state(agent) is not S.ACTIVE:
+            return MergeResult(0, 0, 0)
+        slot = self._slot(agent)
+        self.tracker.transition(agent, S.FLUSHING)
+        try:
+            snapshot = dict(slot.dirty)
+            changes, gone = await self._read_changes(agent, snapshot)
+            if any(c.revision < snapshot[c.key] for c in changes):  # KV went back: recreated
+                with nats_errors(f"read the epoch of bucket {self.bucket!r}"):
+                    if await self._epochs().recheck():
+                        self._recreated()
+            result = MergeResult(0, 0, 0)
+            if changes:
+                result = await self._sql(f"flush {len(changes)} keys of agent {agent}",
+                                         self._merge_in_transaction(changes))
+        except BaseException as e:
+            self.counters["flush_failures"] += 1
+            self.last_error = e
+            self.tracker.transition(agent, S.ACTIVE)  # revert; the dirty keys are untouched
+            raise
+        for change in changes:
+            if slot.dirty.get(change.key, 0) <= change.revision:
+                del slot.dirty[change.key]
+        for key in gone:  # no KV message left (the bucket's max age dropped it): unflushable
+            if slot.dirty.get(key) == snapshot[key]:
+                del slot.dirty[key]
+                self.counters["dirty_lost"] += 1
+        self.counters["flushes"] += 1
+        self.counters["rows_flushed"] += result.rows
+        self.tracker.transition(agent, S.ACTIVE)
+        return result
+
+    async def _merge_in_transaction(self, changes: Sequence[StateChange]) -> MergeResult:
+        async with self.ms.pool.acquire(timeout=self.sql_timeout) as conn, conn.transaction():
+            return await merge_changes(cast(asyncpg.Connection, conn), changes,
+                                       epoch=self._epochs().epoch,
+                                       statement_timeout=self.sql_timeout)
+
+    async def _read_changes(self, agent: uuid.UUID, keys: Iterable[str]
+                            ) -> tuple[list[StateChange], list[str]]:
+        """The current KV value (or delete marker) of each key, read in one pipelined batch."""
+        kv = self._bucket()
+
+        async def get(key: str) -> StateChange | str:
+            try:
+                entry = await kv.get(join_key(str(agent), key))
+            except nats.js.errors.KeyNotFoundError as e:
+                if e.op in _nats.DELETE_OPS and e.entry is not None:
+                    return StateChange(agent, key, int(e.entry.revision or 0), None)
+                return key
+            return StateChange(agent, key, int(entry.revision or 0), entry.value or b"null")
+
+        with nats_errors(f"read dirty keys of agent {agent}"):
+            got = await asyncio.gather(*(get(k) for k in keys))
+        return ([g for g in got if isinstance(g, StateChange)],
+                [g for g in got if isinstance(g, str)])
+
+    # ---------------------------------------------------------------- helpers
+
+    async def _sql(self, what: str, aw: Awaitable[T]) -> T:
+        """``await aw`` under msstore's PostgreSQL error policy (:mod:`msstore._pg`)."""
+        with pg_errors(what):
+            return await aw
+
+
+def _kv_items(agent: uuid.UUID, rows: Iterable[asyncpg.Record]) -> list[tuple[str, bytes]]:
+    """``(join_key(agent, key), dumps(value))`` per row, the agent token encoded once.
+
+    Values are re-encoded with the codec (compact, exactly as written), never copied as
+    PostgreSQL's text form, which is larger and can exceed what NATS accepts.
+    """
+    head = encode_token(str(agent)) + "."
+    items: list[tuple[str, bytes]] = []
+    for r in rows:
+        kv_key = head + encode_key(r["key"])
+        if len(kv_key) > MAX_ENCODED_KEY:
+            kv_key = join_key(str(agent), r["key"])  # raises join_key's InvalidKeyError
+        items.append((kv_key, dumps(r["value"])))
+    return items
+
+
+__all__ = ["COUNTERS", "AgentIO", "HydrationResult"]
