@@ -194,7 +194,7 @@ async def create_hydrated(js: JetStreamContext, subject: str, data: bytes) -> bo
     try:
         await js.publish(subject, data, headers=headers)
     except nats.js.errors.APIError as e:
-        if e.err_code == 10071:  # wrong last sequence
+        if e.err_code in WRONG_LAST_SEQUENCE:
             return False
         raise
     return True

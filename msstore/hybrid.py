@@ -45,7 +45,6 @@ from nats.js.kv import KeyValue
 from . import _nats
 from ._background import wait_event
 from ._check import agent_uuid, not_open, one_of, optional_seconds, positive_int, positive_seconds
-from ._nats import KV_OP
 from ._readthrough import KVRead, read_through
 from .codec import dumps, loads
 from .errors import BackpressureError, NotFoundError, StoreTimeoutError, StoreUnavailableError
@@ -73,7 +72,6 @@ log = logging.getLogger("msstore.hybrid")
 
 FlusherName = Literal["stream", "dirty-set"]
 FLUSHERS: Final = ("stream", "dirty-set")
-KV_OPERATION: Final = KV_OP  # kept for modules that import it from here
 _MISSING: Final = object()
 
 
@@ -286,13 +284,9 @@ class HybridStateManager:
         subject = self.subject_prefix + kv_key
         self.metrics_store.add("reads")
 
-        async def read_kv() -> KVRead[Any]:
-            try:
-                with nats_errors(f"read {key!r}"):
-                    entry = await kv.get(kv_key)
-            except nats.js.errors.KeyNotFoundError as e:  # a delete marker is authoritative
-                return KVRead("deleted" if e.op is not None else "miss")
-            return KVRead("hit", loads(entry.value or b"null"))
+        async def read_kv() -> KVRead[bytes]:
+            with nats_errors(f"read {key!r}"):
+                return await _nats.kv_read(kv, kv_key)
 
         async def load() -> bytes | None:
             data = await self._newest(agent, key, subject)
@@ -305,11 +299,11 @@ class HybridStateManager:
             self.metrics_store.add("hydrations" if created else "hydration_conflicts")
             return created
 
-        got = await read_through(read_kv, load, create, loads)
+        got = await read_through(read_kv, load, create, bytes)
         if got.source == "kv":
             self.metrics_store.add("kv_hits")
         if got.found:
-            return got.value
+            return loads(got.value or b"null")
         self.metrics_store.add("not_found")
         if default is not _MISSING:
             return default
