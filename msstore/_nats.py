@@ -36,6 +36,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import Header, RetentionPolicy, StorageType, StreamConfig, StreamInfo, StreamSource
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
+from nats.protocol.command import pub_cmd
 
 from ._background import wait_event
 from ._readthrough import KVRead
@@ -438,3 +439,24 @@ async def kv_read(kv: KeyValue, key: str) -> KVRead[bytes]:
 
 
 __all__ += ["WRONG_LAST_SEQUENCE", "BucketEpoch", "Created", "create_pipelined", "kv_read"]
+
+
+async def ack_all(nc: Client, msgs: Sequence[Msg]) -> None:
+    """Acknowledge ``msgs`` in one write to the connection.
+
+    An ack is an empty publish to the message's reply subject; ``Msg.ack`` does a whole
+    ``Client.publish`` per message (~13 µs, a tenth of a 10,000-message flush). The commands
+    are the same bytes nats-py would send, joined; they go out with the next flush.
+    """
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError
+    send = getattr(nc, "_send_command", None)
+    if send is None:  # a nats-py without it: one publish each
+        for m in msgs:
+            await m.ack()
+        return
+    await send(b"".join([pub_cmd(m.reply, "", b"") for m in msgs]))
+    await nc._flush_pending()
+
+
+__all__ += ["ack_all"]

@@ -136,16 +136,17 @@ SELECT (SELECT count(*) FROM upserted) AS upserted, (SELECT count(*) FROM delete
 
 
 async def merge_changes(db: asyncpg.Pool | asyncpg.Connection, changes: Sequence[StateChange],
-                        *, epoch: int = 0,
-                        statement_timeout: float | None = None) -> MergeResult:
+                        *, epoch: int = 0, statement_timeout: float | None = None,
+                        coalesced: bool = False) -> MergeResult:
     """Write a coalesced batch from one stream incarnation (``epoch``) with one SQL statement.
 
     Values travel as the JSON text KV holds (cast to jsonb server-side), so nothing is
-    re-encoded. A batch holding a key twice is refused (call :func:`coalesce`).
+    re-encoded. A batch holding a key twice is refused (call :func:`coalesce`), unless the
+    caller says it is ``coalesced`` already (the flushers: the check costs a second pass).
     """
     if not changes:
         return MergeResult(0, 0, 0)
-    if len(coalesce(changes)) != len(changes):
+    if not coalesced and len(coalesce(changes)) != len(changes):
         raise InvalidValueError(
             "a merge batch must hold each (agent_id, key) once; coalesce() it first")
     row = await db.fetchrow(
@@ -168,8 +169,8 @@ def merge_lock_id(name: str) -> int:
 
 
 async def merge_serialised(pool: asyncpg.Pool, changes: Sequence[StateChange], lock_id: int,
-                           *, epoch: int = 0,
-                           statement_timeout: float | None = None) -> MergeResult:
+                           *, epoch: int = 0, statement_timeout: float | None = None,
+                           coalesced: bool = False) -> MergeResult:
     """:func:`merge_changes` in a transaction that first takes the advisory lock ``lock_id``.
 
     Under READ COMMITTED each statement sees the data committed when it *started*: two
@@ -184,7 +185,7 @@ async def merge_serialised(pool: asyncpg.Pool, changes: Sequence[StateChange], l
         await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_id,
                            timeout=statement_timeout)
         return await merge_changes(cast(asyncpg.Connection, conn), changes, epoch=epoch,
-                                   statement_timeout=statement_timeout)
+                                   statement_timeout=statement_timeout, coalesced=coalesced)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -263,7 +264,8 @@ class Committer:
     async def commit(self, changes: list[StateChange], epoch: int, flusher: str, *,
                      messages: int, expired: int = 0,
                      on_retry: Callable[[], Awaitable[None]] | None = None) -> MergeResult:
-        """Merge ``changes`` (coalesced, one ``epoch``); return only once they are committed."""
+        """Merge ``changes`` (one ``epoch``; each key once — the caller coalesced them); return
+        only once they are committed."""
         started = time.perf_counter()
         delay = self.base_backoff
         retries = 0
@@ -301,9 +303,9 @@ class Committer:
     async def _merge(self, changes: Sequence[StateChange], epoch: int) -> MergeResult:
         if self.lock_id is not None:
             return await merge_serialised(self.pool, changes, self.lock_id, epoch=epoch,
-                                          statement_timeout=self.sql_timeout)
+                                          statement_timeout=self.sql_timeout, coalesced=True)
         return await merge_changes(self.pool, changes, epoch=epoch,
-                                   statement_timeout=self.sql_timeout)
+                                   statement_timeout=self.sql_timeout, coalesced=True)
 
     async def _merge_storable(self, changes: list[StateChange], epoch: int,
                               error: asyncpg.DataError) -> MergeResult:

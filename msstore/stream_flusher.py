@@ -302,8 +302,7 @@ class StreamFlusher(Flusher):
         self._holding = msgs  # close() hands them back if the commit never finishes
         await self.committer.commit(coalesce(changes), ref.epoch, self.name,
                                     messages=len(msgs), expired=expired, on_retry=keep_alive)
-        for m in msgs:
-            await m.ack()
+        await _nats.ack_all(self.nc, msgs)
         self._holding = []
         # Acks are fire-and-forget publishes: one PING/PONG makes sure the server has them
         # before anyone reads the ack floor. If it fails, the messages are redelivered and
