@@ -227,7 +227,8 @@ class Store:
         Buckets are named ``<bucket_prefix>_<data_type>``, e.g. ``msstore_session_data``.
         """
         from .kv import DEFAULT_TTL_SECONDS, check_bucket_name
-        from .layers import KVStore, MemoryCache, SQLStore, VectorStore, _LayerMissing
+        from .layers import KVStore, MemoryCache, SQLStore, VectorStore
+        from .layers.vectors import _LayerMissing
 
         router = DataRouter(routes)
         if not isinstance(bucket_prefix, str):

@@ -198,7 +198,8 @@ def good_calls(cls: str, c: Ctx) -> dict[str, list[Call]]:
             "retrieve": one("doc"), "remove": one("doc"), "search": one("words"),
             "open": one(ms, collection=c.unique("kb"))},
         "MemoryCache": {
-            "get": one("k", None), "set": one("k", 1), "delete": one("k"), "clear": one(),
+            "get": one("k", None), "peek": one("k"), "set": one("k", 1), "delete": one("k"),
+            "clear": one(),
             "purge_expired": one(), "store": one("k", 1), "retrieve": one("k"),
             "remove": one("k"), "search": one("k")},
     }
@@ -345,6 +346,7 @@ def bad_calls(cls: str, c: Ctx) -> dict[str, list[Bad]]:
         },
         "MemoryCache": {
             "get": [(("",), {}, InvalidKeyError)],
+            "peek": [((None,), {}, InvalidKeyError)],
             "set": [((None, 1), {}, InvalidKeyError), (("k", 1), {"ttl": -1}, InvalidValueError)],
             "delete": [((3,), {}, InvalidKeyError)],
             "store": [(("", 1), {}, InvalidKeyError)],
