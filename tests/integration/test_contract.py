@@ -67,7 +67,8 @@ CALL_TIMEOUT = 8.0  # seconds; each call is bounded by it: expiring means the ca
 IN_MEMORY: dict[str, set[str]] = {
     "StateLifecycleManager": {"state", "dirty", "transitions", "transitions_frame",
                               "on_transition", "close"},
-    "AgentRepository": {"kv_key", "stats", "pending", "failed", "close"},
+    "AgentRepository": {"kv_key", "stats", "pending", "failed", "lag_samples", "last_error",
+                        "close"},
     "HybridStateManager": {"backlog", "counters", "metrics", "last_error", "close"},
     "TieredCacheRepository": {"calls", "clear_l1", "evict", "evict_expired", "kv_key", "peek",
                               "peek_entry", "samples", "seen_revision", "stats",
@@ -151,7 +152,7 @@ def good_calls(cls: str, c: Ctx) -> dict[str, list[Call]]:
             "save": one(c.entity), "find": one(uuid.uuid4()),  # never saved: KV misses
             "update": one(c.entity.replace(version=1)),
             "delete": one(a), "drain": one(), "kv_key": one(a), "stats": one(),
-            "pending": one(), "failed": one(),
+            "pending": one(), "failed": one(), "lag_samples": one(), "last_error": one(),
             "open": one(ms, bucket=c.unique("repo"), **FAST_REPO), "start": one(),
             "close": one()},
         "HybridStateManager": {
