@@ -134,6 +134,25 @@ class DataStorage(Protocol):
     async def search(self, query: Any, *, limit: int = 10) -> list[Hit]: ...
 
 
+class _Refusing:
+    """A :class:`DataStorage` whose every call raises :meth:`_refusal` (a stand-in or a base)."""
+
+    def _refusal(self) -> Exception:
+        raise NotImplementedError
+
+    async def store(self, key: str, value: Any) -> str:
+        raise self._refusal()
+
+    async def retrieve(self, key: str) -> Any:
+        raise self._refusal()
+
+    async def remove(self, key: str) -> None:
+        raise self._refusal()
+
+    async def search(self, query: Any, *, limit: int = 10) -> list[Hit]:
+        raise self._refusal()
+
+
 class DataRouter:
     """Maps each :class:`DataType` to a :class:`StorageLayer`; the seed's mapping by default."""
 

@@ -19,32 +19,20 @@ from .errors import InvalidOptionError, RoutingError, StoreUnavailableError
 from .kv import DEFAULT_TTL_SECONDS, check_bucket_name
 from .layers import Embedder, KVStore, MemoryCache, SQLStore, VectorStore
 from .layers.vectors import _LayerMissing
-from .router import DataRouter, DataStorage, DataType, Hit, StorageLayer, _coerce
+from .router import DataRouter, DataStorage, DataType, Hit, StorageLayer, _coerce, _Refusing
 
 if TYPE_CHECKING:
     from .connection import Connection
 
 
-class _Unavailable:
+class _Unavailable(_Refusing):
     """Stands in for a layer the server cannot provide; every call says why."""
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
 
-    def _fail(self) -> StoreUnavailableError:
+    def _refusal(self) -> StoreUnavailableError:
         return StoreUnavailableError(self.reason)
-
-    async def store(self, key: str, value: Any) -> str:
-        raise self._fail()
-
-    async def retrieve(self, key: str) -> Any:
-        raise self._fail()
-
-    async def remove(self, key: str) -> None:
-        raise self._fail()
-
-    async def search(self, query: Any, *, limit: int = 10) -> list[Hit]:
-        raise self._fail()
 
 
 class Store:

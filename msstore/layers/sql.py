@@ -16,7 +16,7 @@ import orjson
 from .._check import positive_int
 from ..codec import MAX_VALUE_BYTES, dumps
 from ..errors import InvalidKeyError, InvalidOptionError, InvalidValueError
-from ..router import DataType, Hit, RoutingError, _coerce
+from ..router import DataType, RoutingError, _coerce, _Refusing
 
 if TYPE_CHECKING:
     from ..connection import Connection
@@ -60,7 +60,7 @@ def search_filter(query: Any, column: str, value: Any, what: str,
 _TABLES: dict[DataType, type[SQLStore]] = {}
 
 
-class SQLStore:
+class SQLStore(_Refusing):
     """Base of the relational layer: one table per data type, one statement per call."""
 
     def __init__(self, pool: asyncpg.Pool, *, max_value_bytes: int = MAX_VALUE_BYTES) -> None:
@@ -83,21 +83,9 @@ class SQLStore:
                                f"it holds {held}")
         return table(ms.pool)
 
-    def _no_table(self) -> RoutingError:
+    def _refusal(self) -> RoutingError:
         return RoutingError(f"{type(self).__name__} has no table: use TaskStore or "
                             "MessageLogStore (SQLStore.for_data_type picks one)")
-
-    async def store(self, key: str, value: Any) -> str:
-        raise self._no_table()
-
-    async def retrieve(self, key: str) -> Any:
-        raise self._no_table()
-
-    async def remove(self, key: str) -> None:
-        raise self._no_table()
-
-    async def search(self, query: Any, *, limit: int = 10) -> list[Hit]:
-        raise self._no_table()
 
 
 __all__ = ["SQLStore", "as_uuid", "check_pool", "jsonb", "search_filter"]
