@@ -7,9 +7,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from ._check import agent_uuid
 from .codec import dumps, loads
 from .errors import InvalidValueError, NotSerializableError
-from .hybrid import agent_uuid
 
 MAX_TYPE_LEN: Final = 100  # agents.registry.agent_type VARCHAR(100)
 MAX_STATUS_LEN: Final = 20  # agents.registry.status VARCHAR(20)

@@ -48,7 +48,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from . import _nats
-from ._check import non_negative_int, not_open, positive_int, positive_seconds
+from ._check import agent_uuid, non_negative_int, not_open, positive_int, positive_seconds
 from ._pg import pg_errors
 from ._readthrough import KVRead, read_through
 from ._registry import REGISTRY_MERGE_SQL, RegistryWriter
@@ -64,7 +64,6 @@ from .errors import (
     NotOpenError,
     PendingWritesError,
 )
-from .hybrid import agent_uuid
 from .keys import join_key
 from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket, nats_errors
 

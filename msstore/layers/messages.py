@@ -6,8 +6,9 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from .._check import agent_uuid
 from .._pg import pg_errors
-from ..errors import InvalidAgentIdError, InvalidKeyError, InvalidValueError, NotFoundError
+from ..errors import InvalidKeyError, InvalidValueError, NotFoundError
 from ..router import DataType, Hit
 from ._common import check_limit
 from .sql import SQLStore, as_uuid, jsonb, search_filter
@@ -44,13 +45,7 @@ class MessageLogStore(SQLStore, data_type=DataType.MESSAGE_LOG):
                           agent_id: uuid.UUID | str | None = None) -> list[str]:
         """Append several messages to ``channel`` in one statement, in order; return ids."""
         channel = self._channel(channel)
-        if agent_id is not None:
-            try:
-                agent = as_uuid(agent_id, "an agent id")
-            except InvalidKeyError as e:
-                raise InvalidAgentIdError(str(e)) from None
-        else:
-            agent = None
+        agent = None if agent_id is None else agent_uuid(agent_id)
         if isinstance(payloads, str | bytes | Mapping) or not isinstance(payloads, Iterable):
             raise InvalidValueError(f"append_many takes a sequence of payloads, got "
                                     f"{type(payloads).__name__}")
