@@ -67,7 +67,8 @@ CALL_TIMEOUT = 8.0  # seconds; each call is bounded by it: expiring means the ca
 IN_MEMORY: dict[str, set[str]] = {
     "StateLifecycleManager": {"state", "dirty", "transitions", "transitions_frame",
                               "on_transition", "close"},
-    "AgentRepository": {"kv_key", "stats", "pending", "failed", "close"},
+    "AgentRepository": {"kv_key", "stats", "pending", "failed", "lag_samples", "last_error",
+                        "close"},
     "HybridStateManager": {"backlog", "counters", "metrics", "last_error", "close"},
     "TieredCacheRepository": {"calls", "clear_l1", "evict", "evict_expired", "kv_key", "peek",
                               "peek_entry", "samples", "seen_revision", "stats",
@@ -151,7 +152,7 @@ def good_calls(cls: str, c: Ctx) -> dict[str, list[Call]]:
             "save": one(c.entity), "find": one(uuid.uuid4()),  # never saved: KV misses
             "update": one(c.entity.replace(version=1)),
             "delete": one(a), "drain": one(), "kv_key": one(a), "stats": one(),
-            "pending": one(), "failed": one(),
+            "pending": one(), "failed": one(), "lag_samples": one(), "last_error": one(),
             "open": one(ms, bucket=c.unique("repo"), **FAST_REPO), "start": one(),
             "close": one()},
         "HybridStateManager": {
@@ -198,7 +199,8 @@ def good_calls(cls: str, c: Ctx) -> dict[str, list[Call]]:
             "retrieve": one("doc"), "remove": one("doc"), "search": one("words"),
             "open": one(ms, collection=c.unique("kb"))},
         "MemoryCache": {
-            "get": one("k", None), "set": one("k", 1), "delete": one("k"), "clear": one(),
+            "get": one("k", None), "peek": one("k"), "set": one("k", 1), "delete": one("k"),
+            "clear": one(),
             "purge_expired": one(), "store": one("k", 1), "retrieve": one("k"),
             "remove": one("k"), "search": one("k")},
     }
@@ -345,6 +347,7 @@ def bad_calls(cls: str, c: Ctx) -> dict[str, list[Bad]]:
         },
         "MemoryCache": {
             "get": [(("",), {}, InvalidKeyError)],
+            "peek": [((None,), {}, InvalidKeyError)],
             "set": [((None, 1), {}, InvalidKeyError), (("k", 1), {"ttl": -1}, InvalidValueError)],
             "delete": [((3,), {}, InvalidKeyError)],
             "store": [(("", 1), {}, InvalidKeyError)],

@@ -174,3 +174,18 @@ async def test_search_refuses_non_text_queries_and_bad_limits() -> None:
         await cache.search({"a": 1})
     with pytest.raises(InvalidOptionError, match="limit"):
         await cache.search("", limit=0)
+
+
+def test_peek_leaves_the_lru_order_and_the_counters_alone(clock: FakeClock) -> None:
+    cache = MemoryCache(max_entries=2, ttl=10, clock=clock)
+    cache.set("a", 1)
+    cache.set("b", 2)
+    assert cache.peek("a") == 1 and cache.peek("missing") is None
+    assert cache.peek("missing", 0) == 0
+    assert (cache.hits, cache.misses) == (0, 0)
+    cache.set("c", 3)  # "a" is still the least recently used: peek did not refresh it
+    assert "a" not in cache and cache.peek("b") == 2
+    clock.advance(10)
+    assert cache.peek("b") is None and cache.expirations == 1
+    with pytest.raises(InvalidKeyError):
+        cache.peek("")

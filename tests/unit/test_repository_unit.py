@@ -1,4 +1,4 @@
-"""Agent validation and the Repository protocol: no servers needed."""
+"""Agent validation, the Repository protocol and the SQL writer's policy: no servers needed."""
 
 from __future__ import annotations
 
@@ -6,11 +6,19 @@ import datetime as dt
 import uuid
 from typing import Any
 
+import asyncpg
 import pytest
 
 import msstore
+from msstore._registry import RegistryWriter
 from msstore.errors import InvalidOptionError, NotOpenError
-from msstore.repository import Agent, AgentRepository, PendingWritesError, Repository
+from msstore.repository import (
+    COUNTERS,
+    Agent,
+    AgentRepository,
+    PendingWritesError,
+    Repository,
+)
 
 AID = uuid.UUID("6f1c0000-0000-4000-8000-000000000001")
 
@@ -162,3 +170,85 @@ def test_pending_writes_error_is_a_store_unavailable_error_with_the_ids() -> Non
     err = PendingWritesError("2 failed", [AID], OSError("refused"))
     assert isinstance(err, msstore.StoreUnavailableError)
     assert isinstance(err, ConnectionError) and err.agent_ids == [AID]
+
+
+# --------------------------------------------------------------------------- the SQL writer
+
+
+class FakePool:
+    """``fetchrow`` that raises the queued errors first, then commits every row."""
+
+    def __init__(self, *errors: BaseException) -> None:
+        self.errors = list(errors)
+        self.batches: list[list[uuid.UUID]] = []
+
+    async def fetchrow(self, sql: str, ids: list[uuid.UUID], types: list[str | None],
+                       *rest: Any, **options: Any) -> dict[str, int]:
+        if self.errors:
+            raise self.errors.pop(0)
+        self.batches.append(ids)
+        upserted = sum(t is not None for t in types)
+        return {"upserted": upserted, "deleted": len(ids) - upserted}
+
+
+def writer(pool: FakePool, **options: Any) -> RegistryWriter:
+    ms: Any = type("FakeConnection", (), {"pool": pool})()
+    settings: dict[str, Any] = {"batch_size": 2, "max_retries": 2, "base_backoff": 0.001,
+                                "max_backoff": 0.002, "sql_timeout": 1.0,
+                                "max_lag_samples": 100, **options}
+    return RegistryWriter(ms, dict.fromkeys(COUNTERS, 0), **settings)
+
+
+async def test_writer_batches_coalesces_and_commits_on_drain() -> None:
+    pool = FakePool()
+    w = writer(pool)
+    ids = [uuid.uuid4() for _ in range(3)]
+    w.start()
+    try:
+        for rev, i in enumerate([*ids, ids[0]], start=1):
+            w.enqueue(i, rev, Agent(i, "x", metadata={"rev": rev}))
+        w.enqueue(ids[2], 9, None)  # a delete supersedes the save
+        assert w.pending == 3 and w.counters["coalesced"] == 2
+        await w.drain()
+        written = [i for batch in pool.batches for i in batch]
+        assert w.pending == 0 and sorted(written) == sorted(ids)
+        assert all(len(b) <= 2 for b in pool.batches)
+        assert w.counters["sql_writes"] == 3 and w.counters["sql_deleted"] == 1
+        assert len(w.lag_samples) == 3
+    finally:
+        await w.stop()
+
+
+async def test_writer_retries_what_pg_retryable_accepts_then_parks_it() -> None:
+    pool = FakePool(*(OSError("refused") for _ in range(3)))  # 1 + max_retries attempts
+    w = writer(pool)
+    w.start()
+    try:
+        w.enqueue(AID, 1, Agent(AID, "x"))
+        with pytest.raises(PendingWritesError, match="after 3 attempts") as info:
+            await w.drain()
+        assert info.value.agent_ids == [AID] and w.failed == [AID] and w.pending == 1
+        assert (w.counters["retries"], w.counters["failures"]) == (2, 1)
+        assert isinstance(w.last_error, msstore.StoreUnavailableError)
+        await w.drain()  # a fresh budget, and the pool commits now
+        assert w.pending == 0 and pool.batches == [[AID]]
+    finally:
+        await w.stop()
+
+
+async def test_writer_parks_a_refused_batch_at_once_and_drain_retries_it() -> None:
+    pool = FakePool(asyncpg.DataError("bad value"))
+    w = writer(pool)
+    w.start()
+    try:
+        w.enqueue(AID, 1, Agent(AID, "x"))
+        with pytest.raises(PendingWritesError):
+            await w.drain()
+        assert w.counters["retries"] == 0 and w.counters["sql_statements"] == 1
+        assert isinstance(w.last_error, msstore.DataRejectedError)
+        other = uuid.uuid4()
+        w.enqueue(other, 2, Agent(other, "y"))
+        await w.drain()
+        assert w.pending == 0 and w.failed == []
+    finally:
+        await w.stop()

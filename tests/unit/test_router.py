@@ -17,8 +17,8 @@ from msstore.router import (
     RoutingError,
     StorageLayer,
     Store,
-    _Unavailable,
 )
+from msstore.store import _Unavailable
 
 
 class FakeStorage:
