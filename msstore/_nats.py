@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -32,7 +33,15 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import Header, RetentionPolicy, StorageType, StreamConfig, StreamInfo, StreamSource
+from nats.js.api import (
+    DeliverPolicy,
+    Header,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamInfo,
+    StreamSource,
+)
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
 from ._background import wait_event
@@ -263,3 +272,26 @@ __all__ = ["DELETE_OPS", "FLUSH_KEY", "HYDRATED", "KV_OP", "LogRef", "Puller", "
            "ensure_log", "kv_prefix", "kv_stream", "last_logged", "log_name", "older_logs",
            "publish_delete", "retire_log", "seq_and_time", "source_revision",
            "split_agent_key", "stream_epoch"]
+
+
+# --------------------------------------------------------------------------- watching
+
+
+async def watch_changes(js: JetStreamContext, bucket: str, tail: str,
+                        cb: Callable[[Msg], Awaitable[None]]) -> Any:
+    """Every change of ``$KV.<bucket>.<tail>`` from now on, headers only, to ``cb``.
+
+    An ordered push consumer with deliver policy NEW: nothing written before it existed is
+    replayed (read :func:`last_revision` to know up to where that is).
+    """
+    return await js.subscribe(kv_prefix(bucket) + tail, stream=kv_stream(bucket), cb=cb,
+                              ordered_consumer=True, deliver_policy=DeliverPolicy.NEW,
+                              headers_only=True, inactive_threshold=300.0)
+
+
+async def last_revision(js: JetStreamContext, bucket: str) -> int:
+    """The bucket's latest revision: the last sequence of its stream."""
+    return int((await js.stream_info(kv_stream(bucket))).state.last_seq)
+
+
+__all__ += ["last_revision", "watch_changes"]
