@@ -5,6 +5,7 @@
     L2  KVBucket (nats-py's KeyValue, or a fake)   with kv_errors(what):  transport errors and
                                                    KV answers the cache does not expect are
                                                    msstore's; a timed-out write may land
+    ids cache_key: a UUID or a non-empty str, as the L1 key (and the last token of the L2 key)
     L3  Finder (anything with find(id))            with l3_errors(repository, what): its
                                                    own errors pass, PostgreSQL's (``_pg``'s
                                                    tuples) are translated, the rest wrapped
@@ -24,6 +25,7 @@ import nats.js.errors
 from ._pg import TIMEOUT, UNAVAILABLE
 from .codec import dumps, loads
 from .errors import (
+    InvalidKeyError,
     InvalidOptionError,
     InvalidValueError,
     MsstoreError,
@@ -31,6 +33,7 @@ from .errors import (
     StoreTimeoutError,
     StoreUnavailableError,
 )
+from .keys import check_key
 from .kv import nats_errors
 
 T = TypeVar("T")
@@ -54,6 +57,16 @@ class KVBucket(Protocol):
     async def update(self, key: str, value: bytes, last: int | None = None) -> int: ...
 
     async def delete(self, key: str) -> bool: ...
+
+
+def cache_key(id: object) -> str:
+    """The L1 key of ``id`` (a UUID or a non-empty str), or :class:`InvalidKeyError`."""
+    if isinstance(id, uuid.UUID):
+        return str(id)
+    try:
+        return check_key(id)
+    except InvalidKeyError as e:
+        raise InvalidKeyError(f"cache ids must be a UUID or a non-empty str: {e}") from e
 
 
 #: KV's answers the cache interprets itself; any other nats-py error is an outage
@@ -163,5 +176,5 @@ class EntityCodec(Generic[T]):
                 f"cannot take the id of {type(entity).__name__}: {e!r}; pass id_of=") from e
 
 
-__all__ = ["MAY_LAND", "EntityCodec", "EntityId", "Finder", "KVBucket", "kv_errors",
-           "l3_errors"]
+__all__ = ["MAY_LAND", "EntityCodec", "EntityId", "Finder", "KVBucket", "cache_key",
+           "kv_errors", "l3_errors"]

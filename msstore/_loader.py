@@ -1,8 +1,11 @@
-"""The tiered cache's miss path: one load per key at a time, L2 → L3 → L2, guarded installs.
+"""The tiered cache's slow path: the timed L1 hit, and misses: L2 → L3 → L2, guarded installs.
 
 ::
 
-    miss(key) ──in flight?──▶ await the same task (single-flight: ``coalesced``)
+    lookup(id): L1 hit ──▶ (entry, True)   the one hit in ``latency_sample_every`` that is timed
+      │ a miss: the cache open? (else NotOpenError)
+      ▼
+    _miss(key) ──in flight?──▶ await the same task (single-flight: ``coalesced``)
       │ no: a _Flight (its notified_rev, the watch's epoch), one task
       ▼
     _read_through: _readthrough.read_through with
@@ -13,7 +16,7 @@
     revision >= notified_rev?  no ──▶ ``stale_loads``, read through again (within the budget)
       │ yes: install into L1 if the flight is installable and the watch's epoch unchanged
       ▼
-    every waiter gets the entry; the one that started it counts where it was served
+    every waiter gets the entry and counts the tier that served it (``served``, a sample)
 
 Writes tell this module what they did (:meth:`Loader.note_change`,
 :meth:`Loader.write_failed`), and so does the watch, so a load never installs a value older
@@ -24,11 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any, Final, Generic, TypeVar
 
 import nats.js.errors
 
-from ._cache_io import EntityCodec, EntityId, Finder, KVBucket, kv_errors, l3_errors
+from ._cache_io import EntityCodec, EntityId, Finder, KVBucket, cache_key, kv_errors, l3_errors
 from ._cache_stats import TierStats
 from ._l1 import L1, CacheEntry, CacheSource
 from ._readthrough import KVRead, read_through
@@ -60,11 +64,15 @@ class _Flight:
 class Loader(Generic[T]):
     """Turns L1 misses into entries for one cache (its L1, watch, codec, tiers and counters)."""
 
-    def __init__(self, repository: Finder[T], codec: EntityCodec[T], l1: L1, watch: KVWatch, *,
-                 bucket: str, key_prefix: str, max_load_attempts: int,
+    def __init__(self, repository: Finder[T], codec: EntityCodec[T], l1: L1, watch: KVWatch,
+                 open_kv: Callable[[], KVBucket], *, bucket: str, key_prefix: str,
+                 max_load_attempts: int, sample_every: int,
                  tiers: tuple[TierStats, TierStats, TierStats],
                  counters: dict[str, int]) -> None:
         self.repository = repository
+        #: the cache's bucket, or :class:`NotOpenError` if the cache is not open
+        self._open_kv = open_kv
+        self.sample_every = sample_every
         self._codec = codec
         self._l1 = l1
         self._watch = watch
@@ -76,7 +84,24 @@ class Loader(Generic[T]):
         self.counters = counters
         self._flights: dict[str, _Flight] = {}
 
-    async def miss(self, key: str, id: EntityId, kv: KVBucket, t0: float,
+    async def lookup(self, id: EntityId) -> tuple[CacheEntry[T], bool]:
+        """(entry, served by L1?): the timed hit (one in N, kept cheap) and every miss."""
+        mem = self._mem
+        timed = mem.hits % self.sample_every == 0
+        t0 = time.perf_counter() if timed else 0.0
+        key = id if type(id) is str else cache_key(id)
+        entry = self._l1.get(key)
+        if entry is not None and entry.expires_at > self._l1.clock():
+            self._l1.move_to_end(key)
+            mem.hits += 1
+            if timed:
+                mem.samples.append(time.perf_counter() - t0)
+            return entry, True
+        key = cache_key(key)  # a str id: is it a valid key?
+        miss = self._miss(key, id, self._open_kv(), t0 if timed else time.perf_counter(), entry)
+        return await miss, False
+
+    async def _miss(self, key: str, id: EntityId, kv: KVBucket, t0: float,
                    expired: CacheEntry[T] | None) -> CacheEntry[T]:
         """Single-flight: the first miss of ``key`` starts a load, the others await it."""
         self._l1.expire(key, expired)

@@ -8,7 +8,7 @@
       ▼
       in-flight load for id? ──yes──▶ await the same future (single-flight: 1 load for N misses)
       │ no: start one, register it (its ``notified_rev`` starts at 0)
-      ▼                                                 ┌ _readthrough.read_through ┐
+      ▼        ┄┄┄ _readthrough.read_through(read_kv, load, create), to the re-read ┄┄┄
       L2: KV direct get ──hit──▶ CacheEntry(source=KV, revision) ─────────────────┐
       │ no value (never cached, expired by max age, or a delete marker at rev d)  │
       ▼                                                                          │
@@ -44,8 +44,8 @@
                      waiters up to last_seq released
 
 Read it in the order a ``find`` runs: here the L1 hit (:meth:`TieredCacheRepository.find`),
-then :mod:`msstore._loader` for a miss (single-flight, then :mod:`msstore._readthrough`: KV →
-SQL → compare-and-set), with L1 in :mod:`msstore._l1`. The writes are here;
+then :mod:`msstore._loader` (the timed hit, single-flight, :mod:`msstore._readthrough`'s KV →
+SQL → compare-and-set, the install), with L1 in :mod:`msstore._l1`. The writes are here;
 :mod:`msstore._watch` is the watch and the outage handling, :mod:`msstore._cache_io` the L2/L3
 protocols, their errors and the entity codec, :mod:`msstore._cache_stats` the metrics.
 
@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from types import TracebackType
@@ -76,14 +75,14 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _nats
 from ._background import Worker
-from ._cache_io import EntityCodec, EntityId, Finder, KVBucket, kv_errors, l3_errors
+from ._cache_io import EntityCodec, EntityId, Finder, KVBucket, cache_key, kv_errors, l3_errors
 from ._cache_stats import COUNTERS, TierStats, invalidations_frame, samples_frame, stats_frame
 from ._check import non_negative_int, not_open, optional_seconds, positive_int, positive_seconds
 from ._l1 import L1, CacheEntry, CacheSource, L1HighWater
 from ._loader import Loader
 from ._watch import KVWatch
-from .errors import InvalidKeyError, InvalidOptionError, InvalidValueError
-from .keys import check_key, encode_token, join_key
+from .errors import InvalidOptionError, InvalidValueError
+from .keys import encode_token, join_key
 from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket
 
 if TYPE_CHECKING:
@@ -164,10 +163,11 @@ class TieredCacheRepository(Generic[T]):
         self._watch = KVWatch(ms, self.bucket, self.key_prefix, watch=watch,
                               on_change=self._changed, on_distrust=self._l1.reset,
                               counters=self.counters, samples=self.invalidation_samples)
-        self._loader = Loader(repository, self._codec, self._l1, self._watch,
+        self._loader = Loader(repository, self._codec, self._l1, self._watch, self._check_kv,
                               bucket=self.bucket, key_prefix=self.key_prefix,
                               max_load_attempts=self.max_load_attempts,
-                              tiers=self._tiers, counters=self.counters)
+                              sample_every=self.latency_sample_every, tiers=self._tiers,
+                              counters=self.counters)
         self._evictor: Worker | None = None
         self._started = False
         self._closed = False
@@ -232,18 +232,9 @@ class TieredCacheRepository(Generic[T]):
 
     # ---------------------------------------------------------------- keys
 
-    @staticmethod
-    def _key(id: object) -> str:
-        if isinstance(id, uuid.UUID):
-            return str(id)
-        try:
-            return check_key(id)
-        except InvalidKeyError as e:
-            raise InvalidKeyError(f"cache ids must be a UUID or a non-empty str: {e}") from e
-
     def kv_key(self, id: EntityId) -> str:
         """The L2 key of ``id``: ``<key_prefix>.<encoded id>``."""
-        return join_key(self.key_prefix, self._key(id))
+        return join_key(self.key_prefix, cache_key(id))
 
     def _check_kv(self) -> KVBucket:
         if self._kv is None or not self._started or self._closed:
@@ -260,40 +251,22 @@ class TieredCacheRepository(Generic[T]):
         mem = self._mem
         if mem.hits % self.latency_sample_every:  # not the one hit in N that is timed
             # the hit path: no await, lock, task or I/O; a str id is its own L1 key (any
-            # other id misses here and takes _lookup, which converts it)
+            # other id misses here and takes the loader's lookup, which converts it)
             l1: OrderedDict[object, CacheEntry[T]] = self._l1  # type: ignore[assignment]
             try:
                 entry = l1.get(id)
-            except TypeError:  # unhashable id: _lookup says what is wrong (no cost if not raised)
+            except TypeError:  # unhashable id: lookup says what is wrong (no cost if not raised)
                 entry = None
             if entry is not None and entry.expires_at > self._clock():
                 l1.move_to_end(id)
                 mem.hits += 1
                 return entry.value
-        return (await self._lookup(id))[0].value
+        return (await self._loader.lookup(id))[0].value
 
     async def find_entry(self, id: EntityId) -> CacheEntry[T]:
         """Like :meth:`find`, but the :class:`CacheEntry`, ``source`` = the tier that answered."""
-        entry, hit = await self._lookup(id)
+        entry, hit = await self._loader.lookup(id)
         return dataclasses.replace(entry, source=CacheSource.MEMORY) if hit else entry
-
-    async def _lookup(self, id: EntityId) -> tuple[CacheEntry[T], bool]:
-        """(entry, served by L1?): the timed hit (one in N, kept cheap) and every miss."""
-        mem = self._mem
-        timed = mem.hits % self.latency_sample_every == 0
-        t0 = time.perf_counter() if timed else 0.0
-        key = id if type(id) is str else self._key(id)
-        entry = self._l1.get(key)
-        if entry is not None and entry.expires_at > self._clock():
-            self._l1.move_to_end(key)
-            mem.hits += 1
-            if timed:
-                mem.samples.append(time.perf_counter() - t0)
-            return entry, True
-        key = self._key(key)  # a str id: is it a valid key?
-        miss = self._loader.miss(key, id, self._check_kv(), t0 if timed else time.perf_counter(),
-                                 entry)
-        return await miss, False
 
     def peek(self, id: EntityId) -> T | None:
         """The live L1 value or ``None``: synchronous, no I/O, no metrics, LRU order kept."""
@@ -302,7 +275,7 @@ class TieredCacheRepository(Generic[T]):
 
     def peek_entry(self, id: EntityId) -> CacheEntry[T] | None:
         """The live L1 entry (``source`` = where its value came from) or ``None``."""
-        return self._l1.live(id if type(id) is str and id else self._key(id))
+        return self._l1.live(id if type(id) is str and id else cache_key(id))
 
     # ---------------------------------------------------------------- writes
 
@@ -320,7 +293,7 @@ class TieredCacheRepository(Generic[T]):
         cancel), it may still be applied: this process' L1 drops the key either way.
         """
         kv = self._check_kv()
-        key = self._key(id)
+        key = cache_key(id)
         kkey = join_key(self.key_prefix, key)
         data = self._codec.encode(entity)
         epoch = self._watch.epoch
@@ -345,7 +318,7 @@ class TieredCacheRepository(Generic[T]):
         Returns the marker's revision (``None`` when running on a bare ``kv`` without ``ms``).
         """
         kv = self._check_kv()
-        key = self._key(id)
+        key = cache_key(id)
         kkey = join_key(self.key_prefix, key)
         revision: int | None = None
         try:
@@ -365,7 +338,7 @@ class TieredCacheRepository(Generic[T]):
 
     def evict(self, id: EntityId) -> bool:
         """Drop ``id`` from this process' L1 only (L2 keeps it); True if it was there."""
-        return self._l1.pop(self._key(id), None) is not None
+        return self._l1.pop(cache_key(id), None) is not None
 
     def clear_l1(self) -> None:
         """Empty this process' L1 (L2 and L3 are untouched)."""
@@ -385,7 +358,7 @@ class TieredCacheRepository(Generic[T]):
 
     async def delete(self, id: EntityId) -> None:
         """``repository.delete(id)``, then :meth:`invalidate` it in every process."""
-        self._key(id)
+        cache_key(id)
         await self._write_through("delete", id)
         await self.invalidate(id)
 
