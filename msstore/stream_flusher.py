@@ -30,8 +30,9 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
-from . import _nats
-from ._nats import HYDRATED, KV_OP, LogRef, Puller
+from . import _durable, _nats
+from ._durable import LogRef, Puller
+from ._nats import HYDRATED, KV_OP
 from .errors import InvalidKeyError
 from .flushers import _FIRST_RECHECK, Flusher
 from .merge import StateChange, coalesce
@@ -71,11 +72,11 @@ class StreamFlusher(Flusher):
         self._monitor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._log = await _nats.ensure_log(self.js, self.s.bucket)
-        self._old = await _nats.older_logs(self.js, self.s.bucket, self._log)
+        self._log = await _durable.ensure_log(self.js, self.s.bucket)
+        self._old = await _durable.older_logs(self.js, self.s.bucket, self._log)
         for ref in [*self._old, self._log]:
             if ref is not self._log:
-                await _nats.retire_log(self.js, ref)
+                await _durable.retire_log(self.js, ref)
             await self._open(ref)
         await self._refresh()
         await super().start()
@@ -101,11 +102,11 @@ class StreamFlusher(Flusher):
             epoch = await self._kv_epoch()
             if epoch == self._log.epoch:
                 return
-            old, self._log = self._log, await _nats.ensure_log(self.js, self.s.bucket)
+            old, self._log = self._log, await _durable.ensure_log(self.js, self.s.bucket)
             log.warning("bucket %s was recreated (epoch %d -> %d): draining the old log",
                         self.s.bucket, old.epoch, self._log.epoch)
             self._noted = self._sourced_to = 0
-            await _nats.retire_log(self.js, old)
+            await _durable.retire_log(self.js, old)
             self._old.append(old)
             await self._open(self._log)
 
@@ -147,11 +148,11 @@ class StreamFlusher(Flusher):
     async def pending(self, agent: uuid.UUID, key: str, subject: str) -> StateChange | None:
         # The log's newest message for the key is the newest acknowledged change (KV missed,
         # so nothing newer exists); committed ones are purged only below the ack floor.
-        raw: Any = await _nats.last_logged(self.js, self._log, subject)
+        raw: Any = await _durable.last_logged(self.js, self._log, subject)
         if raw is None:
             return None
         deleted = (raw.headers or {}).get(KV_OP) in _nats.DELETE_OPS
-        return StateChange(agent, key, _nats.source_revision(raw.headers),
+        return StateChange(agent, key, _durable.source_revision(raw.headers),
                            None if deleted else bytes(raw.data or b""))
 
     # ---------------------------------------------------------------- flush() bookkeeping
@@ -174,7 +175,7 @@ class StreamFlusher(Flusher):
                 return int(last)
             if last:
                 raw: Any = await self.js.get_msg(ref.name, seq=last, direct=True)
-                if _nats.source_revision(raw.headers) >= wanted:
+                if _durable.source_revision(raw.headers) >= wanted:
                     return int(last)
             kv = (await self.js.stream_info(self.stream)).state
             if not kv.messages or kv.first_seq > wanted:
@@ -279,7 +280,7 @@ class StreamFlusher(Flusher):
                 if not subject.startswith(prefix):
                     raise InvalidKeyError(subject)
                 agent, key = _nats.split_agent_key(subject[cut:], agents)
-                revision = _nats.source_revision(headers)
+                revision = _durable.source_revision(headers)
             except (InvalidKeyError, ValueError):
                 foreign += 1
                 continue
@@ -302,7 +303,7 @@ class StreamFlusher(Flusher):
         self._holding = msgs  # close() hands them back if the commit never finishes
         await self.committer.commit(coalesce(changes), ref.epoch, self.name,
                                     messages=len(msgs), expired=expired, on_retry=keep_alive)
-        await _nats.ack_all(self.nc, msgs)
+        await _durable.ack_all(self.nc, msgs)
         self._holding = []
         # Acks are fire-and-forget publishes: one PING/PONG makes sure the server has them
         # before anyone reads the ack floor. If it fails, the messages are redelivered and

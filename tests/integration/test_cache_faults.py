@@ -162,11 +162,17 @@ class HeldWatch(TieredCacheRepository[Agent]):
     hold: asyncio.Event | None = None
     held = 0
 
-    async def _on_change(self, msg: Msg) -> None:
-        if self.hold is not None:
-            self.held += 1
-            await self.hold.wait()
-        await super()._on_change(msg)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        deliver = self._watch._on_message  # what the watch subscribes with, at start()
+
+        async def held(msg: Msg) -> None:
+            if self.hold is not None:
+                self.held += 1
+                await self.hold.wait()
+            await deliver(msg)
+
+        self._watch._on_message = held  # type: ignore[method-assign]
 
 
 async def test_while_nats_is_down_a_lagging_watch_never_lets_a_stale_l1_value_out(

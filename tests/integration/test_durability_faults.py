@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import msstore
-from msstore import _nats, services
+from msstore import _durable, _nats, services
 from msstore.hybrid import HybridStateManager
 from msstore.kv import ensure_bucket
 
@@ -134,7 +134,7 @@ async def recreate(ms: msstore.Connection, bucket: str) -> int:
 
 async def logs_of(ms: msstore.Connection, bucket: str) -> list[str]:
     return sorted(str(i.config.name) for i in await ms.js.streams_info()
-                  if str(i.config.name).startswith(f"{_nats.LOG_PREFIX}{bucket}_"))
+                  if str(i.config.name).startswith(f"{_durable.LOG_PREFIX}{bucket}_"))
 
 
 @pytest.mark.parametrize("flusher", ["stream", "dirty-set"])
@@ -163,7 +163,7 @@ async def test_writes_to_a_recreated_bucket_land_under_a_running_manager(
         assert [await hsm.read_state(agent, f"k{i}") for i in range(10)] \
             == [f"new{i}" for i in range(10)]
     if flusher == "stream":
-        assert await logs_of(ms, bucket) == [_nats.log_name(bucket, epoch)]  # old one deleted
+        assert await logs_of(ms, bucket) == [_durable.log_name(bucket, epoch)]  # old one deleted
 
 
 async def test_a_fresh_manager_drains_the_old_log_and_lands_the_new_incarnations_writes(
@@ -189,4 +189,4 @@ async def test_a_fresh_manager_drains_the_old_log_and_lands_the_new_incarnations
     assert lost(acked, stored) == [], (stored, acked)  # the old incarnation's unflushed writes too
     assert sorted(k for k, (_, _, e) in stored.items() if e == epoch) \
         == sorted(f"k{i}" for i in range(5))
-    assert await logs_of(ms, bucket) == [_nats.log_name(bucket, epoch)]
+    assert await logs_of(ms, bucket) == [_durable.log_name(bucket, epoch)]

@@ -74,7 +74,7 @@ import nats.js.errors
 import pytest
 
 import msstore
-from msstore import _nats, services
+from msstore import _durable, _nats, services
 from msstore.codec import loads
 from msstore.hybrid import HybridStateManager
 from msstore.keys import join_key
@@ -556,7 +556,7 @@ async def shared_consumer_trial(ms: msstore.Connection, bucket: str, durable: st
             await fresh.flush()
         if flusher == "stream":
             epoch = _nats.stream_epoch(await ms.js.stream_info(_nats.kv_stream(bucket)))
-            ci = await ms.js.consumer_info(_nats.log_name(bucket, epoch), durable)
+            ci = await ms.js.consumer_info(_durable.log_name(bucket, epoch), durable)
             unacked = int(ci.num_pending or 0) + int(ci.num_ack_pending or 0)
     verdict = await check_all(ledger, ms.pool, ms.js, bucket, [agent])
     print(f"{flusher}: {sum(len(s) for s in schedule)} writer processes killed, "

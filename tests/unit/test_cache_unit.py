@@ -324,7 +324,7 @@ def change_message(cache: TieredCacheRepository[Thing], key: str, revision: int
                    ) -> SimpleNamespace:
     """What the KV watch delivers for a change of ``key`` at ``revision`` (headers only)."""
     return SimpleNamespace(
-        subject=f"$KV.{cache.bucket}.{cache.kv_key(key)}",
+        subject=f"$KV.{cache.bucket}.{cache.kv_key(key)}", reply=None,
         metadata=SimpleNamespace(sequence=SimpleNamespace(stream=revision),
                                  timestamp=dt.datetime.now(dt.UTC)))
 
@@ -338,7 +338,7 @@ async def test_load_racing_a_notification_does_not_install_the_old_value() -> No
         await kv.got.wait()  # the load holds revision 1 in hand
         # another process writes revision 2; our watch reports it before the load returns
         revision = await kv.put(cache.kv_key("k1"), b'{"id": "k1", "n": 2, "tags": []}')
-        await cache._on_change(change_message(cache, "k1", revision))  # type: ignore[arg-type]
+        await cache._watch._on_message(change_message(cache, "k1", revision))  # type: ignore[arg-type]
         kv.get_gate.set()
         assert (await load).n == 2  # reloaded, never the notified-stale value
         assert cache.peek("k1") == Thing("k1", 2)
@@ -351,9 +351,9 @@ async def test_notification_drops_older_l1_entry_only() -> None:
         await cache.find("k1")
         entry = cache.peek_entry("k1")
         assert entry is not None
-        await cache._on_change(change_message(cache, "k1", entry.revision))  # type: ignore[arg-type]
+        await cache._watch._on_message(change_message(cache, "k1", entry.revision))  # type: ignore[arg-type]
         assert cache.peek("k1") is not None  # the change we already hold
-        await cache._on_change(change_message(cache, "k1", entry.revision + 5))  # type: ignore[arg-type]
+        await cache._watch._on_message(change_message(cache, "k1", entry.revision + 5))  # type: ignore[arg-type]
         assert cache.peek("k1") is None
         assert cache.seen_revision == entry.revision + 5
     lat = cache.invalidation_latencies()
