@@ -60,6 +60,7 @@ class StreamFlusher(Flusher):
         self._old: list[LogRef] = []  # earlier incarnations still to drain, oldest first
         self._pullers: dict[str, Puller] = {}
         self._switch = asyncio.Lock()
+        self._refreshing = asyncio.Lock()
         self._local = 0  # writes since the last consumer-info refresh
         self._since_flush = 0
         self._remote = 0  # unflushed messages in the logs at the last refresh
@@ -126,13 +127,15 @@ class StreamFlusher(Flusher):
         return info
 
     async def _refresh(self) -> None:
-        local_then = self._local
-        total = 0
-        for ref in [*self._old, self._log]:
-            with contextlib.suppress(nats.js.errors.NotFoundError):  # drained and deleted
-                total += _unacked(await self._consumer(ref))
-        self._remote = total
-        self._local -= local_then
+        """The backlog estimate: unacked messages in the logs, plus writes noted since."""
+        async with self._refreshing:  # two refreshes at once would both subtract local_then
+            local_then = self._local
+            total = 0
+            for ref in [*self._old, self._log]:
+                with contextlib.suppress(nats.js.errors.NotFoundError):  # drained, deleted
+                    total += _unacked(await self._consumer(ref))
+            self._remote = total
+            self._local -= local_then
 
     async def _watch(self) -> None:
         while True:
