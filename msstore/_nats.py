@@ -324,3 +324,21 @@ async def last_revision(js: JetStreamContext, bucket: str) -> int:
 
 
 __all__ += ["last_revision", "watch_changes"]
+
+
+def sources_drop_expectations(nc: Client) -> bool:
+    """True if the server leaves expected-sequence headers out of the copies it sources.
+
+    Before nats-server 2.10.14 (nats-server#5253) a sourced copy kept them, so a hydration's
+    compare-and-set header was checked again against the durability log, the copy was refused
+    and the log's source stalled. msstore then serves hydrated values without caching them in
+    a logged bucket.
+    """
+    v = nc.connected_server_version
+    try:
+        return (v.major, v.minor, v.patch) >= (2, 10, 14)
+    except (TypeError, ValueError):  # an unparsable version: assume the old behaviour
+        return False
+
+
+__all__ += ["sources_drop_expectations"]

@@ -294,6 +294,9 @@ class HybridStateManager:
             return data
 
         async def create(data: bytes) -> bool:
+            if self.flusher_name == "stream" and not _nats.sources_drop_expectations(self.ms.nc):
+                self.metrics_store.add("hydrations_uncached")  # NATS < 2.10.14: see _nats
+                return True
             with nats_errors(f"hydrate {key!r}"):
                 created = await _nats.create_hydrated(self.ms.js, subject, data)
             self.metrics_store.add("hydrations" if created else "hydration_conflicts")

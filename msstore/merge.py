@@ -192,6 +192,7 @@ async def merge_serialised(pool: asyncpg.Pool, changes: Sequence[StateChange], l
 
 COUNTERS: Final = (
     "writes", "removes", "reads", "kv_hits", "hydrations", "hydrations_from_log",
+    "hydrations_uncached",
     "hydration_conflicts", "not_found", "flushes", "messages_flushed", "rows_flushed",
     "rows_upserted", "rows_deleted", "rows_skipped", "sql_statements", "retries",
     "expired_unflushed", "foreign_messages", "backpressure_rejections", "tombstones_purged",
