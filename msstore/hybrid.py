@@ -295,7 +295,12 @@ class HybridStateManager:
 
         async def create(data: bytes) -> bool:
             if self.flusher_name == "stream" and not _nats.sources_drop_expectations(self.ms.nc):
-                self.metrics_store.add("hydrations_uncached")  # NATS < 2.10.14: see _nats
+                # NATS < 2.10.14 (see _nats): serve, do not cache — unless a write got there
+                # first, which then wins like a lost compare-and-set
+                if (await read_kv()).status != "miss":
+                    self.metrics_store.add("hydration_conflicts")
+                    return False
+                self.metrics_store.add("hydrations_uncached")
                 return True
             with nats_errors(f"hydrate {key!r}"):
                 created = await _nats.create_hydrated(self.ms.js, subject, data)
