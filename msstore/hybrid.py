@@ -45,6 +45,7 @@ from nats.js.kv import KeyValue
 from . import _nats
 from ._background import wait_event
 from ._check import agent_uuid, not_open, one_of, optional_seconds, positive_int, positive_seconds
+from ._pg import pg_errors
 from ._readthrough import KVRead, read_through
 from .codec import dumps, loads
 from .errors import BackpressureError, NotFoundError, StoreTimeoutError, StoreUnavailableError
@@ -336,13 +337,10 @@ class HybridStateManager:
         return None if row is None else dumps(row["value"])
 
     async def _sql_row(self, agent: uuid.UUID, key: str) -> asyncpg.Record | None:
-        try:
+        with pg_errors(f"read {key!r} (KV has no copy)"):
             return await self.ms.pool.fetchrow(
                 "SELECT value FROM agents.state WHERE agent_id = $1 AND key = $2",
                 agent, key, timeout=self.sql_timeout)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
-            raise StoreUnavailableError(
-                f"KV has no {key!r} and PostgreSQL cannot be read: {e!r}") from e
 
     async def _after_sql_read(self, agent: uuid.UUID, key: str) -> None:
         """Test seam: runs between the load of the value and the KV create of a hydration."""
