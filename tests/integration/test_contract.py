@@ -685,6 +685,7 @@ NEEDS_NATS = {("KVStore", m) for m in ("open", "put", "store", "retrieve", "remo
                                        "search")} | \
     {("AgentRepository", m) for m in ("save", "find", "update", "delete", "open")} | \
     {("StateLifecycleManager", m) for m in ("write", "read", "delete", "open")} | \
+    {("HybridStateManager", m) for m in ("write_state", "read_state", "remove_state", "open")} | \
     {("Store", "open")}
 NEEDS_NATS_VARIANT = {f"Store.{m}[0]" for m in ("store", "retrieve", "remove", "search")}
 
