@@ -22,6 +22,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Final
 
 import asyncpg
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
@@ -120,10 +121,18 @@ class Connection:
         ))
 
     async def close(self) -> None:
-        """Drain NATS (flushing pending publishes) and close the pool."""
+        """Drain NATS (flushing pending publishes) and close the pool.
+
+        While NATS is reconnecting there is nothing to drain into: the client is closed
+        instead (nats-py would raise ``ConnectionReconnectingError`` from the drain).
+        """
         try:
             if not self.nc.is_closed:
-                await self.nc.drain()
+                try:
+                    await self.nc.drain()
+                except nats.errors.Error:
+                    with contextlib.suppress(nats.errors.Error):
+                        await self.nc.close()
         finally:
             await self.pool.close()
 

@@ -193,6 +193,8 @@ async def test_while_nats_is_down_a_lagging_watch_never_lets_a_stale_l1_value_ou
         assert stale is not None and stale.metadata["i"] == 0  # B is stale right now
 
         await kill_nats(private_nats, conn_a, conn_b)
+        # nats-py runs its disconnect callback a moment after is_connected turns False
+        await until(lambda: b.counters["l1_resets"] >= 1, "B's L1 reset by the disconnect")
         assert b.peek(agent.id) is None  # dropped by the disconnect, not by the watch
         assert b.counters["invalidations"] == 0
         error = await attempt(b.find(agent.id))
