@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from . import services
+from ._extras import needs_extra
 from .errors import MsstoreError
 
 
@@ -70,9 +71,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 def _cmd_workbook(args: argparse.Namespace) -> int:
     """Execute every notebook headless in order; print one line per notebook."""
-    import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
+    with needs_extra("msstore workbook"):
+        import nbformat
+        from nbclient import NotebookClient
+        from nbclient.exceptions import CellExecutionError
 
     notebooks: list[Path] = []
     for given in map(Path, args.paths):
