@@ -70,5 +70,5 @@ status: $(STAMP)
 	$(BIN)/msstore status
 
 clean:
-	-$(BIN)/msstore down
+	-$(BIN)/msstore down --purge
 	rm -rf $(VENV) .msstore .pytest_cache .ruff_cache .mypy_cache
