@@ -56,8 +56,7 @@ test: $(STAMP)
 	$(MAKE) lint unit integration notebooks external
 
 lab: $(STAMP)
-	$(BIN)/msstore up
-	eval "$$($(BIN)/msstore env)" && cd notebooks && ../$(BIN)/jupyter lab
+	$(BIN)/msstore lab notebooks
 
 bench: $(STAMP)
 	$(BIN)/msstore bench --scale $(MSSTORE_SCALE)

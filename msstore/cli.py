@@ -141,6 +141,12 @@ def _cmd_workbook(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_lab(args: argparse.Namespace) -> int:
+    from ._lab import run_lab
+
+    return run_lab(Path(args.path), args.port)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Run the side-by-side benchmarks of ``benchmarks/`` (a source checkout only)."""
     try:
@@ -160,7 +166,7 @@ With no environment variables msstore runs an embedded PostgreSQL and nats-serve
 state in the state folder: .msstore/ at the repository root, ~/.msstore outside a repository,
 or MSSTORE_HOME. Set MSSTORE_DATABASE_URL / MSSTORE_NATS_URL to use your own servers instead.
 """
-PUBLIC_COMMANDS = ("up", "down", "status", "env", "migrate", "workbook", "bench")
+PUBLIC_COMMANDS = ("up", "down", "status", "env", "migrate", "workbook", "lab", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     wb.add_argument("--save", action="store_true",
                     help="write the outputs back into each notebook that passed")
     wb.set_defaults(func=_cmd_workbook)
+    lab = sub.add_parser("lab", help="JupyterLab on the same servers (as root too); prints "
+                         "the URL to open")
+    lab.add_argument("path", nargs="?", default="notebooks",
+                     help="the folder to open (default: notebooks)")
+    lab.add_argument("--port", type=int, default=8888,
+                     help="port to listen on (default 8888; a free one if taken or 0)")
+    lab.set_defaults(func=_cmd_lab)
     bench = sub.add_parser("bench", help="side-by-side benchmarks (CSV + PNG charts)")
     bench.add_argument("--scale", choices=["ci", "full"],
                        default=os.environ.get("MSSTORE_SCALE", "ci"))
