@@ -17,6 +17,7 @@ help:
 	@echo "make up|down|status   manage the embedded PostgreSQL and nats-server"
 
 $(STAMP): pyproject.toml
+	@echo "installing msstore with its workbook and dev extras into $(VENV)/ (a minute or two) ..."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -114,6 +115,7 @@ def _cmd_workbook(args: argparse.Namespace) -> int:
     """Execute every notebook headless in order; print one line per notebook."""
     with needs_extra("msstore workbook"):
         import nbformat
+        from jupyter_client.manager import KernelManager
         from nbclient import NotebookClient
         from nbclient.exceptions import CellExecutionError
 
@@ -124,11 +126,16 @@ def _cmd_workbook(args: argparse.Namespace) -> int:
         print(f"no notebooks in {' '.join(args.paths)}")
         return 1
     failed = 0
+    sockets = tempfile.TemporaryDirectory(prefix="msstore-kernels-")
     for path in notebooks:
         nb = nbformat.read(path, as_version=4)  # type: ignore[no-untyped-call]
         start = time.perf_counter()
+        # IPC sockets in a private folder: a TCP kernel warns "running over TCP without
+        # encryption" once per notebook, which buried the one line per notebook
+        km = KernelManager(kernel_name="python3", transport="ipc",
+                           ip=str(Path(sockets.name) / path.stem))
         try:
-            NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+            NotebookClient(nb, timeout=args.timeout, km=km,
                            resources={"metadata": {"path": str(path.parent)}}).execute()
             verdict = "ok"
             if args.save:
@@ -136,7 +143,11 @@ def _cmd_workbook(args: argparse.Namespace) -> int:
         except CellExecutionError as e:
             failed += 1
             verdict = "FAILED: " + str(e).strip().splitlines()[-1][:200]
+        finally:
+            if km.has_kernel:  # a km passed in is ours to shut down, not nbclient's
+                km.shutdown_kernel()
         print(f"{path.name:<40} {time.perf_counter() - start:6.1f}s  {verdict}", flush=True)
+    sockets.cleanup()
     print(f"{len(notebooks) - failed} passed, {failed} failed")
     return 1 if failed else 0
 
