@@ -17,6 +17,7 @@ help:
 	@echo "make up|down|status   manage the embedded PostgreSQL and nats-server"
 
 $(STAMP): pyproject.toml
+	@echo "installing msstore with its workbook and dev extras into $(VENV)/ (a minute or two) ..."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -56,8 +57,7 @@ test: $(STAMP)
 	$(MAKE) lint unit integration notebooks external
 
 lab: $(STAMP)
-	$(BIN)/msstore up
-	eval "$$($(BIN)/msstore env)" && cd notebooks && ../$(BIN)/jupyter lab
+	$(BIN)/msstore lab notebooks
 
 bench: $(STAMP)
 	$(BIN)/msstore bench --scale $(MSSTORE_SCALE)
@@ -70,5 +70,5 @@ status: $(STAMP)
 	$(BIN)/msstore status
 
 clean:
-	-$(BIN)/msstore down
+	-$(BIN)/msstore down --purge
 	rm -rf $(VENV) .msstore .pytest_cache .ruff_cache .mypy_cache

@@ -14,6 +14,8 @@ import math
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
+from ._extras import needs_extra
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -37,7 +39,8 @@ class TierStats:
 
 
 def _percentile(values: Any, q: float) -> float:
-    import numpy as np
+    with needs_extra("TieredCacheRepository.stats()"):
+        import numpy as np
 
     return float(np.percentile(values, q)) if len(values) else math.nan
 
@@ -46,8 +49,9 @@ def stats_frame(tiers: tuple[TierStats, TierStats, TierStats],
                 invalidations: deque[tuple[int, float, bool]],
                 attrs: dict[str, Any]) -> pd.DataFrame:
     """One row per tier (memory, kv, db); ``attrs`` plus the invalidation latency go to attrs."""
-    import numpy as np
-    import pandas as pd
+    with needs_extra("TieredCacheRepository.stats()"):
+        import numpy as np
+        import pandas as pd
 
     mem = tiers[0]
     calls = mem.hits + mem.misses
@@ -73,7 +77,8 @@ def stats_frame(tiers: tuple[TierStats, TierStats, TierStats],
 
 def samples_frame(tiers: tuple[TierStats, TierStats, TierStats]) -> pd.DataFrame:
     """Raw latency samples: one row per sampled call, columns ``source``, ``latency_ms``."""
-    import pandas as pd
+    with needs_extra("TieredCacheRepository.samples()"):
+        import pandas as pd
 
     frames = [pd.DataFrame({"source": name, "latency_ms": [s * 1e3 for s in st.samples]})
               for name, st in zip(TIERS, tiers, strict=True)]
@@ -82,7 +87,8 @@ def samples_frame(tiers: tuple[TierStats, TierStats, TierStats]) -> pd.DataFrame
 
 def invalidations_frame(invalidations: deque[tuple[int, float, bool]]) -> pd.DataFrame:
     """One row per watch notification: ``revision``, ``latency_ms``, ``dropped``."""
-    import pandas as pd
+    with needs_extra("TieredCacheRepository.invalidation_latencies()"):
+        import pandas as pd
 
     return pd.DataFrame([(r, s * 1e3, d) for r, s, d in invalidations],
                         columns=["revision", "latency_ms", "dropped"])

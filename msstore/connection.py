@@ -15,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import asyncpg
 import nats.errors
@@ -27,9 +30,10 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from . import migrations, services
+from ._check import positive_seconds
 from .codec import init_connection
-from .errors import StoreUnavailableError
-from .services import Endpoints
+from .errors import InvalidOptionError, StoreUnavailableError
+from .services import Endpoints, ServerInfo
 
 log = logging.getLogger("msstore")
 
@@ -152,42 +156,111 @@ class Connection:
 DEFAULT_SERVER_SETTINGS: Final[Mapping[str, str]] = MappingProxyType({"jit": "off"})
 
 
+#: The first connection to NATS tries this many times more, ``FIRST_CONNECT_WAIT`` seconds
+#: apart, then gives up: a refused URL fails in about a second, with its cause, instead of
+#: nats-py's default of retrying (and logging) until ``connect_timeout``. Once connected, the
+#: client reconnects without limit, so a running app lives through a NATS restart.
+FIRST_CONNECT_RETRIES: Final = 2
+FIRST_CONNECT_WAIT: Final = 0.5
+#: The default bound on each server's first connection, seconds.
+DEFAULT_CONNECT_TIMEOUT: Final = 3.0
+NATS_SCHEMES: Final = ("nats", "tls", "ws", "wss")
+POSTGRES_SCHEMES: Final = ("postgresql", "postgres")
+
+
+def _source(given: str | None, var: str, info: ServerInfo) -> str:
+    """Where a URL came from, so that the message says what to change."""
+    if given:
+        return "the URL passed to msstore.connect()"
+    if info.mode == "external":
+        return var
+    return f"the embedded server (`msstore status`; or set {var})"
+
+
+def _check_scheme(url: str, schemes: tuple[str, ...], what: str, where: str) -> None:
+    scheme = urlsplit(url).scheme
+    if scheme not in schemes:
+        raise InvalidOptionError(
+            f"{what} URL {url!r} has scheme {scheme + '://' if scheme else 'none'}; expected "
+            f"{' or '.join(s + '://' for s in schemes)} (fix {where})")
+
+
+def _cause(e: BaseException, timeout: float) -> str:
+    """Why a first connection failed, in words (the last error nats-py or asyncpg saw)."""
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused (nothing listens on that port)"
+    if isinstance(e, socket.gaierror):
+        return f"unknown host ({e.strerror})"
+    if isinstance(e, TimeoutError | asyncio.TimeoutError | nats.errors.TimeoutError):
+        return f"no answer within {timeout:g} s (connect_timeout)"
+    if isinstance(e, nats.errors.AuthorizationError):
+        return "authorization refused: check the user, password or token in the URL"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return repr(e)
+
+
 async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool,
                 min_size: int, max_size: int, home: Path | None,
                 connect_timeout: float, server_settings: Mapping[str, str] | None
                 ) -> Connection:
+    connect_timeout = positive_seconds("connect_timeout", connect_timeout)
+    for given, schemes, what, var in ((database_url, POSTGRES_SCHEMES, "PostgreSQL",
+                                       services.DATABASE_URL_ENV),
+                                      (nats_url, NATS_SCHEMES, "NATS", services.NATS_URL_ENV)):
+        url = given or os.environ.get(var)
+        if url:  # before starting anything: a wrong scheme is a typo, not an outage
+            _check_scheme(url, schemes, what,
+                          "the URL passed to msstore.connect()" if given else var)
     endpoints = await asyncio.to_thread(services.resolve, home, database_url, nats_url)
+    pg_source = _source(database_url, services.DATABASE_URL_ENV, endpoints.postgres)
     try:
         pool = await asyncpg.create_pool(
             endpoints.database_url, min_size=min_size, max_size=max_size, init=init_connection,
-            timeout=10, server_settings={**DEFAULT_SERVER_SETTINGS, **(server_settings or {})})
-    except (OSError, asyncpg.PostgresError, TimeoutError) as e:
+            timeout=connect_timeout,
+            server_settings={**DEFAULT_SERVER_SETTINGS, **(server_settings or {})})
+    except asyncpg.PostgresError as e:  # it answered: a role, password or database problem
         raise StoreUnavailableError(
-            f"cannot connect to PostgreSQL at {endpoints.database_url}: {e}; "
-            f"is it running? (check `msstore status`, or {services.DATABASE_URL_ENV})"
-        ) from e
+            f"PostgreSQL at {endpoints.database_url} refused the connection: {e} "
+            f"({type(e).__name__}); check the user, password and database name in "
+            f"{pg_source}") from e
+    except (OSError, TimeoutError) as e:
+        raise StoreUnavailableError(
+            f"cannot connect to PostgreSQL at {endpoints.database_url}: "
+            f"{_cause(e, connect_timeout)}; is it running? (fix {pg_source})") from e
     nc = NATS()
     listeners = _Listeners()
+    first_errors: list[BaseException] = []
+
+    async def on_error(e: Exception) -> None:
+        if nc.is_connected or nc.is_reconnecting:
+            await _log_nats_error(e)
+        else:  # the first connection: report the cause once, below, not every attempt
+            first_errors.append(e)
+
     try:
-        # Unlimited reconnects keep a running app alive through a NATS restart, but nats-py
-        # applies the same setting to the *first* connect and would retry forever: bound it.
         await asyncio.wait_for(
-            nc.connect(endpoints.nats_url, connect_timeout=max(1, int(connect_timeout / 2)),
-                       max_reconnect_attempts=-1,
-                       reconnect_time_wait=0.5,  # type: ignore[arg-type]  # typed int, is float
-                       error_cb=_log_nats_error,
+            nc.connect(endpoints.nats_url,
+                       connect_timeout=connect_timeout,  # type: ignore[arg-type]  # is float
+                       max_reconnect_attempts=FIRST_CONNECT_RETRIES,
+                       reconnect_time_wait=FIRST_CONNECT_WAIT,  # type: ignore[arg-type]
+                       error_cb=on_error,
                        disconnected_cb=listeners.disconnected,
                        reconnected_cb=listeners.reconnected),
             timeout=connect_timeout,
         )
+        # connected: from now on reconnect forever (nats-py reads the option at each attempt)
+        nc.options["max_reconnect_attempts"] = -1
     except Exception as e:
         with contextlib.suppress(Exception):
             await nc.close()
         await pool.close()
+        cause = next((x for x in reversed(first_errors)
+                      if not isinstance(x, nats.errors.NoServersError)), e)
         raise StoreUnavailableError(
-            f"cannot connect to NATS at {endpoints.nats_url}: {e!r}; "
-            f"is it running? (check `msstore status`, or {services.NATS_URL_ENV})"
-        ) from e
+            f"cannot connect to NATS at {endpoints.nats_url}: {_cause(cause, connect_timeout)}; "
+            f"is it running? (fix {_source(nats_url, services.NATS_URL_ENV, endpoints.nats)})"
+        ) from cause
     js = nc.jetstream()
     conn = Connection(pool, nc, js, endpoints, listeners)
     try:
@@ -233,13 +306,16 @@ class _Connect:
 
 def connect(database_url: str | None = None, nats_url: str | None = None, *,
             migrate: bool = True, min_size: int = 1, max_size: int = 10,
-            home: Path | None = None, connect_timeout: float = 10.0,
+            home: Path | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
             server_settings: Mapping[str, str] | None = None) -> _Connect:
     """Connect to PostgreSQL and NATS, starting embedded servers for whatever is not given.
 
     URLs passed here win over ``MSSTORE_DATABASE_URL`` / ``MSSTORE_NATS_URL``, which win over
     the embedded servers. ``migrate=True`` applies pending schema migrations first;
-    ``connect_timeout`` bounds each server's first connection (later reconnects are unbounded).
+    ``connect_timeout`` (seconds, 3 by default) bounds each server's first connection: a
+    refused or unreachable server fails within it with one :class:`StoreUnavailableError`
+    naming the URL, the cause and what to change; later NATS reconnects are unbounded. A URL
+    with the wrong scheme is an :class:`InvalidOptionError`, before any server is started.
     ``server_settings`` (PostgreSQL session settings) are applied over
     :data:`DEFAULT_SERVER_SETTINGS` (``jit=off``); pass ``{"jit": "on"}`` to keep JIT.
     """

@@ -103,6 +103,10 @@ class ServiceError(MsstoreError):
     """An embedded server could not be started, found or stopped."""
 
 
+class MissingExtraError(MsstoreError, ImportError):
+    """An optional feature needs a package from an extra that is not installed."""
+
+
 class StoreError(MsstoreError):
     """PostgreSQL refused the statement itself (undefined table, syntax error, permission).
 
@@ -126,6 +130,7 @@ __all__ = [
     "InvalidValueError",
     "MigrationChecksumError",
     "MigrationError",
+    "MissingExtraError",
     "MsstoreError",
     "NotFoundError",
     "NotOpenError",

@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any, Final
 from . import _nats, checkpoints
 from ._background import Worker
 from ._check import agent_uuid, positive_seconds
+from ._extras import needs_extra
 from ._pg import pg_errors
 from ._readthrough import KVRead, read_through
 from .agent_io import COUNTERS, AgentIO, HydrationResult
@@ -207,7 +208,8 @@ class StateLifecycleManager(AgentIO):
 
     def transitions_frame(self, agent_id: uuid.UUID | str | None = None) -> pd.DataFrame:
         """The recorded transitions as a DataFrame (agent, from, to, at)."""
-        import pandas as pd
+        with needs_extra("transitions_frame()"):
+            import pandas as pd
 
         return pd.DataFrame(
             [{"agent_id": e.agent_id, "from": e.from_state.name, "to": e.to_state.name,

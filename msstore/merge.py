@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import asyncpg
 
+from ._extras import needs_extra
 from .codec import storable
 from .errors import InvalidValueError
 
@@ -230,7 +231,8 @@ class Metrics:
         })
 
     def frame(self) -> pd.DataFrame:
-        import pandas as pd
+        with needs_extra("HybridStateManager.metrics()"):
+            import pandas as pd
 
         return pd.DataFrame(self.samples, columns=list(SAMPLE_COLUMNS))
 

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, TypeVar
 
+from ._extras import needs_extra
 from .errors import InvalidValueError
 
 if TYPE_CHECKING:
@@ -42,7 +43,8 @@ def _skew(skew: object) -> float:
 
 def zipf_weights(n: int, skew: float) -> npt.NDArray[np.float64]:
     """Probabilities of ranks ``0..n-1``: normalised ``1 / (rank+1)**skew``, summing to 1."""
-    import numpy as np
+    with needs_extra("msstore.workloads"):
+        import numpy as np
 
     n = _count("n", n)
     w = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** _skew(skew)
@@ -53,7 +55,8 @@ def zipf_weights(n: int, skew: float) -> npt.NDArray[np.float64]:
 def zipf_ranks(n_keys: int, n_samples: int, *, skew: float, seed: int
                ) -> npt.NDArray[np.int64]:
     """``n_samples`` ranks in ``[0, n_keys)`` drawn from :func:`zipf_weights`."""
-    import numpy as np
+    with needs_extra("msstore.workloads"):
+        import numpy as np
 
     rng = np.random.default_rng(seed)
     ranks: npt.NDArray[np.int64] = rng.choice(
@@ -72,7 +75,8 @@ def zipf_keys(keys: Sequence[K], n_samples: int, *, skew: float, seed: int) -> l
 def read_write_mix(keys: Sequence[K], n_ops: int, *, skew: float, write_fraction: float,
                    seed: int) -> list[tuple[Op, K]]:
     """``n_ops`` operations on Zipf-popular ``keys``; each is a write with ``write_fraction``."""
-    import numpy as np
+    with needs_extra("msstore.workloads"):
+        import numpy as np
 
     if isinstance(write_fraction, bool) or not isinstance(write_fraction, int | float) \
             or not 0.0 <= write_fraction <= 1.0:
@@ -88,7 +92,8 @@ def read_write_mix(keys: Sequence[K], n_ops: int, *, skew: float, write_fraction
 
 def agent_population(n: int, *, seed: int) -> list[uuid.UUID]:
     """``n`` distinct version-4 UUIDs, the same ones for the same ``seed``."""
-    import numpy as np
+    with needs_extra("msstore.workloads"):
+        import numpy as np
 
     rng = np.random.default_rng(seed)
     out: list[uuid.UUID] = []

@@ -100,7 +100,7 @@ async def private_pg(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
     try:
         yield home
     finally:
-        await asyncio.to_thread(services.down, home, which=("postgres",))
+        await asyncio.to_thread(services.purge, home)  # data outside tmp too (as root)
 
 
 @pytest.fixture
@@ -122,7 +122,7 @@ def kill9(home: Path, name: str) -> int:
     import signal
 
     if name == "postgres":
-        pid = int((home / "pgdata" / "postmaster.pid").read_text().split()[0])
+        pid = int((services.pgdata_dir(home) / "postmaster.pid").read_text().split()[0])
     else:
         pid = int(json.loads((home / "services.json").read_text())["nats"]["pid"])
     os.kill(pid, signal.SIGKILL)

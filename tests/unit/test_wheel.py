@@ -11,6 +11,8 @@ from pathlib import Path
 
 from msstore import migrations
 
+from .test_extras import CORE, NEVER_CORE, WORKBOOK, split_requirements
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -25,6 +27,14 @@ def test_installed_wheel_ships_and_finds_the_migrations(tmp_path: Path) -> None:
     shipped = sorted(m.filename for m in migrations.load())
     assert sorted(Path(n).name for n in names if n.startswith("msstore/sql/")) == shipped
     assert "msstore/py.typed" in names
+    # what `pip install msstore` (no extras) pulls in: the core only, no notebook stack
+    meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    requires = [line.split(":", 1)[1].strip()
+                for line in zipfile.ZipFile(wheel).read(meta).decode().splitlines()
+                if line.startswith("Requires-Dist:")]
+    core, extras = split_requirements(requires)
+    assert core == CORE and not core & NEVER_CORE
+    assert WORKBOOK <= extras["workbook"]
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
