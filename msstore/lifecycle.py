@@ -73,10 +73,11 @@ from ._pg import pg_errors
 from ._readthrough import KVRead, read_through
 from .agent_io import COUNTERS, AgentIO, HydrationResult
 from .checkpoints import RestoreResult
-from .codec import dumps, loads
+from .codec import dumps, loads, reencode
 from .errors import IllegalTransitionError, InvalidOptionError, NotFoundError, NotOpenError
 from .keys import check_key, encode_token, join_key
 from .kv import DEFAULT_TTL_SECONDS, nats_errors
+from .merge import READ_VALUE_TEXT
 from .transitions import (
     TRANSITIONS,
     LifecycleState,
@@ -265,13 +266,12 @@ class StateLifecycleManager(AgentIO):
 
         async def load() -> bytes | None:
             with pg_errors(f"read {key!r} of agent {agent}"):
-                row = await self.ms.pool.fetchrow(
-                    "SELECT value FROM agents.state WHERE agent_id = $1 AND key = $2",
-                    agent, key, timeout=self.sql_timeout)
-            if row is None:
+                text = await self.ms.pool.fetchval(READ_VALUE_TEXT, agent, key,
+                                                   timeout=self.sql_timeout)
+            if text is None:
                 return None
             self.counters["read_fallbacks"] += 1
-            data = dumps(row["value"])  # compact, as written; never PostgreSQL's text form
+            data = reencode(text)  # compact, as written; never PostgreSQL's text form
             await self._after_sql_read(agent, key)
             return data
 
