@@ -29,8 +29,8 @@ PostgreSQL, with a durability log that survives restarts.
 
 What msstore adds to the seed's pseudocode, and which shared piece does it:
 
-* **hydration** loads the agent's rows with *one* query, re-encodes each value with
-  :func:`msstore.codec.dumps` and creates them in KV pipelined
+* **hydration** loads the agent's rows with *one* query (values as text), re-encodes each
+  with :func:`msstore.codec.reencode` (the codec's bytes) and creates them in KV pipelined
   (:func:`msstore._nats.create_pipelined`: at most ``hydrate_chunk`` compare-and-set creates in
   flight, acks counted on one inbox), so a newer value or a delete marker already in KV is
   never overwritten by an older row. Concurrent ``hydrate_agent`` calls for one agent share one
