@@ -17,7 +17,7 @@ import json
 import math
 import uuid
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -80,15 +80,43 @@ def check_depth(value: Any, data: bytes) -> None:
     every later encode of them would fail: a hydration from PostgreSQL could never put the
     value back into KV. So what is accepted must encode again once read back.
     """
-    try:
-        orjson.dumps(orjson.loads(data))
-    except (orjson.JSONEncodeError, orjson.JSONDecodeError):  # deeper than 254 (or 1024)
+    if _nesting_exceeds(data, MAX_DEPTH):
         raise InvalidValueError(
             f"value nests containers more than {MAX_DEPTH} levels deep once its tuples are "
             f"JSON arrays (orjson does not count tuples towards its limit of {MAX_DEPTH}, but "
             "the arrays read back from PostgreSQL or KV do count, so the value could not be "
             "encoded again, e.g. by a hydration); flatten it (e.g. store parts under separate "
-            "keys)") from None
+            "keys)")
+
+
+_BRACKETS_ONLY: Final = bytes.maketrans(b"{}", b"[]")
+_NOT_STRUCTURE: Final = bytes(b for b in range(256) if b not in b'[]{}"')
+
+
+def _nesting_exceeds(data: bytes, limit: int) -> bool:
+    """True if JSON text ``data`` nests more than ``limit`` levels (C-speed byte operations).
+
+    The brackets outside strings, reduced by removing every innermost ``[]`` pair per round:
+    the rounds it takes are the nesting depth. Text with an escaped quote takes orjson's
+    parse instead (its strings cannot be cut at the quotes).
+    """
+    rest = data.translate(_BRACKETS_ONLY, _NOT_STRUCTURE)
+    if rest.count(b"[") <= limit:  # too few brackets to nest that deep (the common case)
+        return False
+    if data.find(b"\\") != -1 and data.find(b'\\"') != -1:
+        try:
+            orjson.dumps(orjson.loads(data))
+        except (orjson.JSONEncodeError, orjson.JSONDecodeError):
+            return True
+        return False
+    rest = rest.replace(b'""', b"")
+    if rest.find(b'"') != -1:  # some strings hold brackets: drop what is inside quotes
+        rest = b"".join(rest.split(b'"')[::2])
+    for _ in range(limit):
+        if not rest:
+            return False
+        rest = rest.replace(b"[]", b"")
+    return bool(rest)
 
 
 def _has_special_key(x: Any) -> bool:

@@ -126,8 +126,8 @@ def dumps(value: Any, *, max_bytes: int = MAX_VALUE_BYTES) -> bytes:
             data = _fix_floats(value, data, option)
         except RecursionError:
             raise _too_deep() from None
-    if len(data) > _DEEP_BYTES and data.count(b"[") + data.count(b"{") > MAX_DEPTH:
-        check_depth(value, data)  # tuples may hide levels from orjson's limit: see below
+    if len(data) > _DEEP_BYTES:
+        check_depth(value, data)  # tuples may hide levels from orjson's limit (see there)
     if data.find(b"\\") != -1 and _has_nul_escape(data):
         raise InvalidValueError(
             "value contains the character U+0000 (NUL), which PostgreSQL JSONB cannot store "
