@@ -17,7 +17,7 @@ import json
 import math
 import uuid
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -67,8 +67,56 @@ def _dumps_slow(value: Any) -> bytes:
 
 def _too_deep() -> InvalidValueError:
     return InvalidValueError(
-        f"value nests containers too deeply (tuples do not count towards orjson's limit of "
-        f"{MAX_DEPTH} levels, but Python's recursion limit was reached); flatten it")
+        f"value nests containers deeper than the {MAX_DEPTH} levels JSON encoding allows "
+        "(tuples count; Python's recursion limit was reached checking it); flatten it")
+
+
+def check_depth(value: Any, data: bytes) -> None:
+    """Refuse ``value`` if its encoding ``data`` nests deeper than orjson can encode again.
+
+    orjson counts a tuple as a level but checks its limit only at dicts and lists, so tuples
+    at the bottom of a value take it past :data:`MAX_DEPTH` unnoticed (255 nested tuples, or
+    254 lists around one tuple). KV and PostgreSQL would store the arrays they become, and
+    every later encode of them would fail: a hydration from PostgreSQL could never put the
+    value back into KV. So what is accepted must encode again once read back.
+    """
+    if _nesting_exceeds(data, MAX_DEPTH):
+        raise InvalidValueError(
+            f"value nests containers more than {MAX_DEPTH} levels deep once its tuples are "
+            f"JSON arrays (orjson does not count tuples towards its limit of {MAX_DEPTH}, but "
+            "the arrays read back from PostgreSQL or KV do count, so the value could not be "
+            "encoded again, e.g. by a hydration); flatten it (e.g. store parts under separate "
+            "keys)")
+
+
+_BRACKETS_ONLY: Final = bytes.maketrans(b"{}", b"[]")
+_NOT_STRUCTURE: Final = bytes(b for b in range(256) if b not in b'[]{}"')
+
+
+def _nesting_exceeds(data: bytes, limit: int) -> bool:
+    """True if JSON text ``data`` nests more than ``limit`` levels (C-speed byte operations).
+
+    The brackets outside strings, reduced by removing every innermost ``[]`` pair per round:
+    the rounds it takes are the nesting depth. Text with an escaped quote takes orjson's
+    parse instead (its strings cannot be cut at the quotes).
+    """
+    rest = data.translate(_BRACKETS_ONLY, _NOT_STRUCTURE)
+    if rest.count(b"[") <= limit:  # too few brackets to nest that deep (the common case)
+        return False
+    if data.find(b"\\") != -1 and data.find(b'\\"') != -1:
+        try:
+            orjson.dumps(orjson.loads(data))
+        except (orjson.JSONEncodeError, orjson.JSONDecodeError):
+            return True
+        return False
+    rest = rest.replace(b'""', b"")
+    if rest.find(b'"') != -1:  # some strings hold brackets: drop what is inside quotes
+        rest = b"".join(rest.split(b'"')[::2])
+    for _ in range(limit):
+        if not rest:
+            return False
+        rest = rest.replace(b"[]", b"")
+    return bool(rest)
 
 
 def _has_special_key(x: Any) -> bool:
@@ -269,11 +317,10 @@ def _diagnose(value: Any, error: Exception) -> MsstoreError:
     found = _problem(value, "value", 0, set(), False)
     if found is not None:
         return found
-    if "Recursion" in str(error):  # orjson counts tuples as levels in some places only
+    if "Recursion" in str(error):
         return InvalidValueError(
             f"value nests containers deeper than the {MAX_DEPTH} levels JSON encoding allows "
-            "(tuples count where orjson says so); flatten it (e.g. store parts under "
-            "separate keys)")
+            "(tuples count); flatten it (e.g. store parts under separate keys)")
     return NotSerializableError(
         f"value of type {type(value).__name__} is not JSON-serialisable ({error}); store "
         "dicts, lists, str, int, float, bool, None, UUID, datetime or dataclasses")
@@ -342,14 +389,13 @@ def _problem(x: Any, path: str, depth: int, on_path: set[int],
     if id(x) in on_path:
         return InvalidValueError(f"{path} contains itself (a reference cycle); JSON values "
                                  "are trees: break the cycle before storing")
-    if depth >= MAX_DEPTH and type(x) is not tuple:
+    if depth >= MAX_DEPTH:  # tuples count (see check_depth)
         return InvalidValueError(
             f"value nests containers deeper than {MAX_DEPTH} levels (at {path[:80]}…), the "
             "most JSON encoding allows; flatten it (e.g. store parts under separate keys)")
     on_path.add(id(x))
-    step = 0 if type(x) is tuple else 1  # orjson does not count tuples as levels
     for p, child, k in kids:
-        found = _problem(child, p, depth + step, on_path, k)
+        found = _problem(child, p, depth + 1, on_path, k)
         if found is not None:
             return found
     on_path.discard(id(x))

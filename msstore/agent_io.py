@@ -2,7 +2,7 @@
 
 ::
 
-    hydrate_agent   agents.state ──1 SELECT──▶ codec bytes ──pipelined creates──▶ KV
+    hydrate_agent   agents.state ──1 SELECT (text)──▶ codec bytes ──pipelined creates──▶ KV
     (single-flight)   COLD/EXPIRED → HYDRATING → ACTIVE        (never over a newer value
                                                                 or a delete marker)
 
@@ -33,11 +33,11 @@ from nats.js.kv import KeyValue
 from . import _nats
 from ._check import agent_uuid, not_open, positive_int, positive_seconds
 from ._pg import pg_errors
-from .codec import dumps
+from .codec import reencode
 from .errors import InvalidOptionError, StoreUnavailableError
 from .keys import MAX_ENCODED_KEY, encode_key, encode_token, join_key
 from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket, nats_errors
-from .merge import MergeResult, StateChange, merge_changes
+from .merge import LOAD_AGENT_TEXT, MergeResult, StateChange, merge_changes
 from .transitions import LifecycleState, Slot, StateTracker
 
 if TYPE_CHECKING:
@@ -197,8 +197,7 @@ class AgentIO:
             try:
                 self.counters["sql_loads"] += 1
                 rows = await self._sql(f"load agent {agent}", self.ms.pool.fetch(
-                    "SELECT key, value FROM agents.state WHERE agent_id = $1",
-                    agent, timeout=self.sql_timeout))
+                    LOAD_AGENT_TEXT, agent, timeout=self.sql_timeout))
                 with nats_errors("hydrate KV"):
                     done = await _nats.create_pipelined(
                         self.ms.nc, self.subject_prefix, _kv_items(agent, rows),
@@ -297,18 +296,18 @@ class AgentIO:
 
 
 def _kv_items(agent: uuid.UUID, rows: Iterable[asyncpg.Record]) -> list[tuple[str, bytes]]:
-    """``(join_key(agent, key), dumps(value))`` per row, the agent token encoded once.
+    """``(join_key(agent, key), codec bytes)`` per ``(key, text)`` row, the agent encoded once.
 
     Values are re-encoded with the codec (compact, exactly as written), never copied as
     PostgreSQL's text form, which is larger and can exceed what NATS accepts.
     """
     head = encode_token(str(agent)) + "."
     items: list[tuple[str, bytes]] = []
-    for r in rows:
-        kv_key = head + encode_key(r["key"])
+    for key, text in rows:
+        kv_key = head + encode_key(key)
         if len(kv_key) > MAX_ENCODED_KEY:
-            kv_key = join_key(str(agent), r["key"])  # raises join_key's InvalidKeyError
-        items.append((kv_key, dumps(r["value"])))
+            kv_key = join_key(str(agent), key)  # raises join_key's InvalidKeyError
+        items.append((kv_key, reencode(text)))
     return items
 
 

@@ -60,9 +60,12 @@ What is refused, before any I/O (every error is an :class:`~msstore.errors.Mssto
   dict keys; dict keys that collide once converted to str (``{1: "a", "1": "b"}``), at any
   depth; the character U+0000 anywhere (JSONB cannot store it); strings or keys with lone
   surrogates (``"\\ud800"``: not Unicode text); nesting deeper than 254 levels of dicts,
-  lists and dataclasses (orjson's limit; it counts tuples only in places), or a value that contains
-  itself. Do not nest *tuples* thousands deep: orjson 3.13 does not count them and crashes
-  the process (heap corruption, then a segfault) somewhere above ~5,000 levels.
+  lists, tuples and dataclasses (orjson's limit, which it checks only at dicts and lists:
+  tuples below the limit would slip through and the arrays they become could not be encoded
+  again, so outputs long enough to nest that deep are checked), or a value that contains
+  itself. Do not nest *tuples* about 2,000 deep: orjson 3.13 writes a run of more than
+  ~2,030 opening brackets without reserving room for them and corrupts the heap (the process
+  aborts); msstore could only prevent that by walking every value before encoding it.
 * :class:`~msstore.errors.NotSerializableError` (also a ``TypeError``): integers outside
   64 bits (store them as ``str``); ``bytes``/``bytearray``/``memoryview`` (decode or
   base64 them); ``set``/``frozenset`` (store a sorted list); ``Decimal`` (store ``str(d)``);
@@ -84,7 +87,16 @@ from typing import Any
 
 import orjson
 
-from ._codec_checks import _FAST, _SLOW, MAX_DEPTH, _default, _dumps_slow, _fix_floats, _too_deep
+from ._codec_checks import (
+    _FAST,
+    _SLOW,
+    MAX_DEPTH,
+    _default,
+    _dumps_slow,
+    _fix_floats,
+    _too_deep,
+    check_depth,
+)
 from .errors import InvalidValueError, ValueTooLargeError
 
 #: Default ceiling for one encoded value. NATS' default max_payload is 1 MiB; a KV message
@@ -92,6 +104,9 @@ from .errors import InvalidValueError, ValueTooLargeError
 MAX_VALUE_BYTES = 1024 * 1024 - 4096
 
 _has_null = re.compile(b"null").search
+
+#: Output this short cannot nest more than MAX_DEPTH levels (each level takes two bytes).
+_DEEP_BYTES = 2 * MAX_DEPTH + 1
 
 def dumps(value: Any, *, max_bytes: int = MAX_VALUE_BYTES) -> bytes:
     """Encode ``value`` as compact JSON; raise a typed error saying what to fix.
@@ -111,6 +126,8 @@ def dumps(value: Any, *, max_bytes: int = MAX_VALUE_BYTES) -> bytes:
             data = _fix_floats(value, data, option)
         except RecursionError:
             raise _too_deep() from None
+    if len(data) > _DEEP_BYTES:
+        check_depth(value, data)  # tuples may hide levels from orjson's limit (see there)
     if data.find(b"\\") != -1 and _has_nul_escape(data):
         raise InvalidValueError(
             "value contains the character U+0000 (NUL), which PostgreSQL JSONB cannot store "
@@ -139,6 +156,25 @@ def _has_nul_escape(data: bytes) -> bool:
             return True
         i = data.find(b"\\u0000", i + 1)
     return False
+
+
+def reencode(text: str | bytes, *, max_bytes: int = MAX_VALUE_BYTES) -> bytes:
+    """Exactly ``dumps(loads(text))``, faster: for JSON text PostgreSQL gives back.
+
+    Hydration puts SQL values back into KV re-encoded compactly, never as PostgreSQL's text
+    form (larger, with spaces). A parsed JSON value holds only dicts with str keys, lists,
+    str, int, float, bool and None, for which ``dumps`` writes what ``orjson.dumps`` writes
+    but for big floats (``1e+16``: rewritten as exact integers) and its refusals (NUL, size);
+    only texts whose output shows one of those take the full codec.
+    """
+    value = orjson.loads(text)
+    try:
+        data = orjson.dumps(value)
+    except TypeError:  # deeper than orjson's limit (a foreign value): dumps says so, typed
+        return dumps(value, max_bytes=max_bytes)
+    if data.find(b"+") != -1 or len(data) > max_bytes or data.find(b"\\u0000") != -1:
+        return dumps(value, max_bytes=max_bytes)
+    return data
 
 
 def storable(data: bytes) -> bool:
@@ -179,4 +215,5 @@ async def init_connection(conn: Any) -> None:
     )
 
 
-__all__ = ["MAX_DEPTH", "MAX_VALUE_BYTES", "dumps", "init_connection", "loads", "storable"]
+__all__ = ["MAX_DEPTH", "MAX_VALUE_BYTES", "dumps", "init_connection", "loads", "reencode",
+           "storable"]

@@ -37,7 +37,6 @@ import uuid
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-import asyncpg
 import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
@@ -47,12 +46,13 @@ from ._background import wait_event
 from ._check import agent_uuid, not_open, one_of, optional_seconds, positive_int, positive_seconds
 from ._pg import pg_errors
 from ._readthrough import KVRead, read_through
-from .codec import dumps, loads
+from .codec import dumps, loads, reencode
 from .errors import BackpressureError, NotFoundError, StoreTimeoutError, StoreUnavailableError
 from .flushers import DirtySetFlusher, Flusher, FlushSettings
 from .keys import join_key
 from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket, nats_error, nats_errors
 from .merge import (
+    READ_VALUE_TEXT,
     Committer,
     MergeResult,
     Metrics,
@@ -333,14 +333,10 @@ class HybridStateManager:
         if change is not None:
             self.metrics_store.add("hydrations_from_log")
             return change.data  # None: deleted, and the delete is not flushed yet
-        row = await self._sql_row(agent, key)
-        return None if row is None else dumps(row["value"])
-
-    async def _sql_row(self, agent: uuid.UUID, key: str) -> asyncpg.Record | None:
         with pg_errors(f"read {key!r} (KV has no copy)"):
-            return await self.ms.pool.fetchrow(
-                "SELECT value FROM agents.state WHERE agent_id = $1 AND key = $2",
-                agent, key, timeout=self.sql_timeout)
+            text = await self.ms.pool.fetchval(READ_VALUE_TEXT, agent, key,
+                                               timeout=self.sql_timeout)
+        return None if text is None else reencode(text)
 
     async def _after_sql_read(self, agent: uuid.UUID, key: str) -> None:
         """Test seam: runs between the load of the value and the KV create of a hydration."""

@@ -29,8 +29,8 @@ PostgreSQL, with a durability log that survives restarts.
 
 What msstore adds to the seed's pseudocode, and which shared piece does it:
 
-* **hydration** loads the agent's rows with *one* query, re-encodes each value with
-  :func:`msstore.codec.dumps` and creates them in KV pipelined
+* **hydration** loads the agent's rows with *one* query (values as text), re-encodes each
+  with :func:`msstore.codec.reencode` (the codec's bytes) and creates them in KV pipelined
   (:func:`msstore._nats.create_pipelined`: at most ``hydrate_chunk`` compare-and-set creates in
   flight, acks counted on one inbox), so a newer value or a delete marker already in KV is
   never overwritten by an older row. Concurrent ``hydrate_agent`` calls for one agent share one
@@ -74,10 +74,11 @@ from ._pg import pg_errors
 from ._readthrough import KVRead, read_through
 from .agent_io import COUNTERS, AgentIO, HydrationResult
 from .checkpoints import RestoreResult
-from .codec import dumps, loads
+from .codec import dumps, loads, reencode
 from .errors import IllegalTransitionError, InvalidOptionError, NotFoundError, NotOpenError
 from .keys import check_key, encode_token, join_key
 from .kv import DEFAULT_TTL_SECONDS, nats_errors
+from .merge import READ_VALUE_TEXT
 from .transitions import (
     TRANSITIONS,
     LifecycleState,
@@ -267,13 +268,12 @@ class StateLifecycleManager(AgentIO):
 
         async def load() -> bytes | None:
             with pg_errors(f"read {key!r} of agent {agent}"):
-                row = await self.ms.pool.fetchrow(
-                    "SELECT value FROM agents.state WHERE agent_id = $1 AND key = $2",
-                    agent, key, timeout=self.sql_timeout)
-            if row is None:
+                text = await self.ms.pool.fetchval(READ_VALUE_TEXT, agent, key,
+                                                   timeout=self.sql_timeout)
+            if text is None:
                 return None
             self.counters["read_fallbacks"] += 1
-            data = dumps(row["value"])  # compact, as written; never PostgreSQL's text form
+            data = reencode(text)  # compact, as written; never PostgreSQL's text form
             await self._after_sql_read(agent, key)
             return data
 

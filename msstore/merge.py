@@ -81,6 +81,12 @@ def coalesce(changes: Iterable[StateChange]) -> list[StateChange]:
     return [change for latest in by_agent.values() for change in latest.values()]
 
 
+#: The reads of a hydration, values as PostgreSQL's JSON text (cheaper to receive than the
+#: JSONB codec's Python objects); :func:`msstore.codec.reencode` turns it into codec bytes.
+READ_VALUE_TEXT: Final = "SELECT value::text FROM agents.state WHERE agent_id = $1 AND key = $2"
+LOAD_AGENT_TEXT: Final = "SELECT key, value::text FROM agents.state WHERE agent_id = $1"
+
+
 #: "``old`` is older than ``new``": by version within one epoch (or where either is unknown,
 #: 0), and always when the epochs differ — a recreated bucket's sequences start again at 1.
 _OLDER: Final = ("({old}.version < {new}.version OR ({old}.epoch <> {new}.epoch "
@@ -368,5 +374,6 @@ class Committer:
         return purged
 
 
-__all__ = ["COUNTERS", "MERGE_SQL", "Committer", "MergeResult", "Metrics", "StateChange",
-           "coalesce", "merge_changes", "merge_lock_id", "merge_serialised"]
+__all__ = ["COUNTERS", "LOAD_AGENT_TEXT", "MERGE_SQL", "READ_VALUE_TEXT", "Committer",
+           "MergeResult", "Metrics", "StateChange", "coalesce", "merge_changes", "merge_lock_id",
+           "merge_serialised"]

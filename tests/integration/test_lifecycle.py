@@ -155,8 +155,16 @@ async def test_hydration_is_pipelined(ms: msstore.Connection, unique: Callable[[
         assert lm.counters["keys_hydrated"] == 200
 
 
+@pytest.mark.parametrize("raw", [True, False], ids=["raw-hpub", "nc-publish"])
 async def test_hydration_counts_are_exact_and_newer_values_and_delete_markers_win(
-        ms: msstore.Connection, unique: Callable[[str], str]) -> None:
+        ms: msstore.Connection, unique: Callable[[str], str], raw: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways of sending the creates: HPUB commands built once (the fast path, taken
+    while connected) and nc.publish (while reconnecting, or with another nats-py)."""
+    if raw:
+        assert _nats._raw_writes(ms.nc)  # this nats-py still has what the fast path needs
+    else:
+        monkeypatch.setattr(_nats, "_raw_writes", lambda nc: False)
     agent = uuid.uuid4()
     values = {f"k{i:03d}": {"sql": i} for i in range(100)}
     await seed_sql(ms, agent, values)
@@ -183,6 +191,10 @@ async def test_hydration_counts_are_exact_and_newer_values_and_delete_markers_wi
         with pytest.raises(NotFoundError):
             await lm.read(agent, deleted[0])
         assert lm.dirty(agent) == frozenset()
+        msg = await ms.js.get_last_msg(lm.stream, lm.subject_prefix
+                                       + msstore.join_key(str(agent), "k002"))
+        assert msg.data == dumps({"sql": 2})  # the codec's bytes, not PostgreSQL's text
+        assert msg.headers is not None and msg.headers.get(_nats.HYDRATED) == "1"
 
 
 async def test_a_value_written_while_hydrating_is_never_overwritten(

@@ -150,8 +150,7 @@ def test_each_refusal_is_typed_and_says_what_to_fix(value: object, error: type,
         dumps(value)
 
 
-def _nested(depth: int) -> object:
-    value: object = 1
+def _nested(depth: int, value: object = 1) -> object:
     for _ in range(depth):
         value = [value]
     return value
@@ -162,6 +161,27 @@ def test_nesting_deeper_than_the_limit_is_refused() -> None:
     for depth in (MAX_DEPTH + 1, 5_000):
         with pytest.raises(InvalidValueError, match=f"deeper than {MAX_DEPTH}"):
             dumps(_nested(depth))
+
+
+@pytest.mark.parametrize(("lists", "tuples"), [(0, 255), (254, 1), (253, 2), (0, 1_500),
+                                               (100, 200)])
+def test_tuples_count_as_levels(lists: int, tuples: int) -> None:
+    """orjson checks its limit only at dicts and lists; the arrays tuples become count."""
+    value: object = 1
+    for _ in range(tuples):
+        value = (value,)
+    value = _nested(lists, value)
+    with pytest.raises(InvalidValueError, match=f"more than {MAX_DEPTH} levels deep"):
+        dumps(value)
+
+
+def test_tuples_within_the_limit_encode_and_encode_again() -> None:
+    value: object = 1e16
+    for _ in range(MAX_DEPTH - 100):
+        value = (value,)
+    data = dumps(_nested(100, value))
+    assert data == b"[" * MAX_DEPTH + b"10000000000000000.0" + b"]" * MAX_DEPTH
+    assert dumps(loads(data)) == data  # what a hydration does
 
 
 def test_a_value_that_contains_itself_is_refused() -> None:
