@@ -316,7 +316,7 @@ async def test_values_postgres_refuses_are_set_aside_and_the_rest_flushes(
         for i in range(2):
             await hsm.write_state(agent, f"bad{i}", "placeholder")
         # a foreign writer replaces them in KV with what JSONB cannot hold: not JSON, a NUL
-        kv = hsm._check_open()
+        kv = hsm.engine.kv
         await kv.put(f"{agent}.bad0", b"not json")
         await kv.put(f"{agent}.bad1", b'{"t": "a\\u0000b"}')
         if flusher == "dirty-set":  # its buffer holds msstore's own (valid) values: poison it

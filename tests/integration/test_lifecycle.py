@@ -90,15 +90,15 @@ async def test_an_agent_goes_through_every_state(lm: StateLifecycleManager,
     seen: list[tuple[uuid.UUID, LifecycleState, LifecycleState]] = []
     lm.on_transition(lambda a, f, t, _at: seen.append((a, f, t)))
     assert lm.state(agent) is S.COLD
-    await lm.write(agent, "plan", {"step": 1})             # COLD → HYDRATING → ACTIVE
+    await lm.write_state(agent, "plan", {"step": 1})             # COLD → HYDRATING → ACTIVE
     assert lm.state(agent) is S.ACTIVE and lm.dirty(agent) == {"plan"}
     await lm.flush_agent(agent)                             # → FLUSHING → ACTIVE
     assert lm.dirty(agent) == frozenset()
-    await lm.write(agent, "goal", "ship it")
+    await lm.write_state(agent, "goal", "ship it")
     clock.advance(61)
     assert await lm.expire_idle() == [agent]                # → FLUSHING → ACTIVE → EXPIRED
     assert lm.state(agent) is S.EXPIRED
-    assert await lm.read(agent, "goal") == "ship it"       # EXPIRED → HYDRATING → ACTIVE
+    assert await lm.read_state(agent, "goal") == "ship it"       # EXPIRED → HYDRATING → ACTIVE
     assert pairs(lm, agent) == [
         (S.COLD, S.HYDRATING), (S.HYDRATING, S.ACTIVE),
         (S.ACTIVE, S.FLUSHING), (S.FLUSHING, S.ACTIVE),
@@ -139,8 +139,8 @@ async def test_hydration_never_overwrites_a_newer_kv_value(
     await kv.put(msstore.join_key(str(agent), "plan"), dumps("newer"))
     result = await lm.hydrate_agent(agent)
     assert (result.created, result.skipped) == (1, 1)
-    assert await lm.read(agent, "plan") == "newer"
-    assert await lm.read(agent, "goal") == "from sql"
+    assert await lm.read_state(agent, "plan") == "newer"
+    assert await lm.read_state(agent, "goal") == "from sql"
 
 
 @pytest.mark.parametrize("chunk", [1, 64])
@@ -181,7 +181,7 @@ async def test_hydration_counts_are_exact_and_newer_values_and_delete_markers_wi
             else:
                 assert got[key] is not None and got[key][0] == value
         with pytest.raises(NotFoundError):
-            await lm.read(agent, deleted[0])
+            await lm.read_state(agent, deleted[0])
         assert lm.dirty(agent) == frozenset()
 
 
@@ -229,14 +229,14 @@ async def test_a_failed_flush_rolls_back_keeps_the_dirty_keys_and_the_retry_succ
     agent, other = uuid.uuid4(), uuid.uuid4()
     async with StateLifecycleManager(private_ms, bucket=unique("fail"),
                                      flush_on_close=False) as lm:
-        await lm.write(agent, "a", 1)
-        await lm.write(agent, "b", 2)
+        await lm.write_state(agent, "a", 1)
+        await lm.write_state(agent, "b", 2)
         await lm.flush_agent(agent)
         before = await sql_state(private_ms.pool, agent)
         assert {k: v for k, (v, _) in before.items()} == {"a": 1, "b": 2}
-        await lm.write(agent, "a", 10)
-        await lm.write(agent, "c", 3)
-        await lm.delete(agent, "b")
+        await lm.write_state(agent, "a", 10)
+        await lm.write_state(agent, "c", 3)
+        await lm.remove_state(agent, "b")
         assert lm.dirty(agent) == {"a", "b", "c"}
 
         await asyncio.to_thread(services.down, private_pg, which=("postgres",))
@@ -281,9 +281,9 @@ async def test_checkpoint_then_restore_gives_back_the_checkpointed_state_exactly
     agent = uuid.uuid4()
     original = {"a": {"n": 1}, "b": [2, "two"], "c": "three"}
     for k, v in original.items():
-        await lm.write(agent, k, v)
-    await lm.delete(agent, "c")
-    await lm.write(agent, "c", original["c"])
+        await lm.write_state(agent, k, v)
+    await lm.remove_state(agent, "c")
+    await lm.write_state(agent, "c", original["c"])
     await lm.flush_agent(agent)
     checkpoint = await lm.checkpoint(agent)
     kv_before = await kv_state(lm, agent, list(original))
@@ -293,9 +293,9 @@ async def test_checkpoint_then_restore_gives_back_the_checkpointed_state_exactly
     assert row["state_snapshot"] == original
     assert row["kv_revision"] == max(v[1] for v in kv_before.values() if v)
 
-    await lm.write(agent, "a", {"n": 100})                 # changed
-    await lm.delete(agent, "b")                             # removed
-    await lm.write(agent, "d", "added")                     # added
+    await lm.write_state(agent, "a", {"n": 100})                 # changed
+    await lm.remove_state(agent, "b")                             # removed
+    await lm.write_state(agent, "d", "added")                     # added
     await lm.flush_agent(agent)
     await ms.pool.execute(                                  # a row KV never held
         "INSERT INTO agents.state (agent_id, key, value, version) VALUES ($1, 'stray', '1', 1)",
@@ -311,7 +311,7 @@ async def test_checkpoint_then_restore_gives_back_the_checkpointed_state_exactly
     assert {k: ver for k, (_, ver) in sql.items()} == {k: v[1] for k, v in kv.items() if v}
     assert lm.dirty(agent) == frozenset()
     with pytest.raises(NotFoundError):
-        await lm.read(agent, "d")
+        await lm.read_state(agent, "d")
     with pytest.raises(NotFoundError, match="checkpoint"):
         await lm.restore(agent, uuid.uuid4())
 
@@ -324,9 +324,9 @@ async def test_expiry_purges_kv_and_the_next_read_hydrates_the_same_values(
     idle, busy = uuid.uuid4(), uuid.uuid4()
     values = {f"k{i}": {"i": i} for i in range(20)}
     for k, v in values.items():
-        await lm.write(idle, k, v)                          # dirty: expiry must flush them
+        await lm.write_state(idle, k, v)                          # dirty: expiry must flush them
     clock.advance(30)
-    await lm.write(busy, "x", 1)
+    await lm.write_state(busy, "x", 1)
     clock.advance(31)                                       # idle: 61 s, busy: 31 s
     assert await lm.expire_idle() == [idle]
     assert (lm.state(idle), lm.state(busy)) == (S.EXPIRED, S.ACTIVE)
@@ -336,7 +336,7 @@ async def test_expiry_purges_kv_and_the_next_read_hydrates_the_same_values(
     assert {k: v for k, (v, _) in (await sql_state(ms.pool, idle)).items()} == values
 
     loads_before = lm.counters["sql_loads"]
-    assert await lm.read(idle, "k7") == {"i": 7}
+    assert await lm.read_state(idle, "k7") == {"i": 7}
     assert lm.counters["sql_loads"] == loads_before + 1
     assert pairs(lm, idle)[-3:] == [(S.ACTIVE, S.EXPIRED), (S.EXPIRED, S.HYDRATING),
                                     (S.HYDRATING, S.ACTIVE)]
@@ -351,12 +351,12 @@ async def test_the_background_sweeper_expires_idle_agents(
     async with StateLifecycleManager(ms, bucket=unique("sweep"), ttl=600, idle_timeout=60,
                                      sweep_interval=0.05, clock=clock) as lm:
         lm.on_transition(lambda a, _f, to, _t: expired.set() if to is S.EXPIRED else None)
-        await lm.write(agent, "k", "v")
+        await lm.write_state(agent, "k", "v")
         clock.advance(61)
         await asyncio.wait_for(expired.wait(), timeout=30)  # a bound, not a measurement
         assert lm.state(agent) is S.EXPIRED
         assert lm.counters["sweeps"] >= 1
-        assert await lm.read(agent, "k") == "v"
+        assert await lm.read_state(agent, "k") == "v"
 
 
 # --------------------------------------------------------------------------- epochs
@@ -388,14 +388,14 @@ async def test_flushed_and_restored_rows_carry_the_buckets_epoch(
         lm: StateLifecycleManager, ms: msstore.Connection) -> None:
     agent = uuid.uuid4()
     epoch = await bucket_epoch(lm)
-    await lm.write(agent, "a", 1)
-    await lm.write(agent, "gone", 2)
+    await lm.write_state(agent, "a", 1)
+    await lm.write_state(agent, "gone", 2)
     await lm.flush_agent(agent)
-    await lm.delete(agent, "gone")
+    await lm.remove_state(agent, "gone")
     await lm.flush_agent(agent)
     assert await sql_epochs(ms, agent) == {"a": epoch, "tombstone:gone": epoch}
     checkpoint = await lm.checkpoint(agent)
-    await lm.write(agent, "b", 3)
+    await lm.write_state(agent, "b", 3)
     await lm.flush_agent(agent)
     await lm.restore(agent, checkpoint)
     assert (await sql_epochs(ms, agent))["a"] == epoch
@@ -406,14 +406,14 @@ async def test_a_bucket_recreated_under_a_running_manager_still_lands_its_writes
         lm: StateLifecycleManager, ms: msstore.Connection) -> None:
     agent = uuid.uuid4()
     for i in range(5):
-        await lm.write(agent, "k", i)
-    await lm.write(agent, "other", "x")
+        await lm.write_state(agent, "k", i)
+    await lm.write_state(agent, "other", "x")
     await lm.flush_agent(agent)
     assert await sql_state(ms.pool, agent) == {"k": (4, 5), "other": ("x", 6)}
 
     epoch = await recreate_bucket(lm)
-    assert await lm.write(agent, "k", "new") == 1      # versions restart at 1
-    assert await lm.delete(agent, "other") == 2
+    assert await lm.write_state(agent, "k", "new") == 1      # versions restart at 1
+    assert await lm.remove_state(agent, "other") == 2
     await lm.flush_agent(agent)
     assert await sql_state(ms.pool, agent) == {"k": ("new", 1)}
     assert await sql_epochs(ms, agent) == {"k": epoch, "tombstone:other": epoch}
@@ -426,7 +426,7 @@ async def test_a_flush_that_reads_back_an_older_revision_reads_the_epoch_again(
     """Dirty keys of the old incarnation, rewritten by another process after the recreation."""
     agent = uuid.uuid4()
     for i in range(3):
-        await lm.write(agent, "k", i)
+        await lm.write_state(agent, "k", i)
     epoch = await recreate_bucket(lm)
     kv = await ms.js.key_value(lm.bucket)
     await kv.put(msstore.join_key(str(agent), "k"), dumps("theirs"))  # revision 1
