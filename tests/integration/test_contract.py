@@ -45,6 +45,7 @@ from msstore import (
     VectorStore,
     services,
 )
+from msstore.codec import loads
 from msstore.errors import (
     InvalidAgentIdError,
     InvalidKeyError,
@@ -57,6 +58,7 @@ from msstore.errors import (
     RoutingError,
     StoreUnavailableError,
 )
+from msstore.keys import join_key
 from msstore.layers import SQLStore, TaskStore
 from tests.integration.conftest import kill9, private_nats_url
 
@@ -686,7 +688,8 @@ async def test_postgres_down_is_typed(private_pg: Path, ms: msstore.Connection,
     check(outcomes, expect)
     # the lifecycle calls failed because PostgreSQL is down, not for another reason
     by_id = {o.id: o for o in outcomes}
-    assert "PostgreSQL is unavailable" in str(by_id["pg-down:StateLifecycleManager.write_state"].error)
+    write_error = by_id["pg-down:StateLifecycleManager.write_state"].error
+    assert "PostgreSQL is unavailable" in str(write_error)
 
 
 #: (class, method) pairs that must reach NATS, so raise StoreUnavailableError when it is down.
@@ -753,7 +756,7 @@ class RacingLifecycle(StateLifecycleManager):
 async def drop_from_kv(ms: msstore.Connection, lm: StateLifecycleManager, agent: uuid.UUID,
                        key: str) -> None:
     """Remove every KV message of ``key`` (as the bucket's max age would): SQL still has it."""
-    kv_key = msstore.join_key(str(agent), key)
+    kv_key = join_key(str(agent), key)
     await ms.js.purge_stream(lm.stream, subject=f"{lm.subject_prefix}{kv_key}")
 
 
@@ -773,10 +776,10 @@ async def test_lifecycle_read_through_rereads_kv_after_losing_the_race(
         assert lm.action is None  # the race happened
         assert lm.counters["hydration_conflicts"] == 1
         kv = await ms.js.key_value(lm.bucket)
-        kv_key = msstore.join_key(str(agent), "k")
+        kv_key = join_key(str(agent), "k")
         if racer == "write":
             assert got == "new"  # not the stale SQL row "old"
-            assert msstore.loads((await kv.get(kv_key)).value) == "new"
+            assert loads((await kv.get(kv_key)).value) == "new"
         else:
             assert got == "gone"  # the delete wins over the SQL row
             with pytest.raises(NotFoundError):
@@ -797,8 +800,8 @@ async def test_lifecycle_read_through_without_a_race_recreates_the_key(
         assert await lm.read_state(agent, "k") == {"v": 1}
         assert (lm.counters["hydration_conflicts"], lm.counters["hydrations"]) == (0, 1)
         kv = await ms.js.key_value(lm.bucket)
-        entry = await kv.get(msstore.join_key(str(agent), "k"))
-        assert msstore.loads(entry.value) == {"v": 1}
+        entry = await kv.get(join_key(str(agent), "k"))
+        assert loads(entry.value) == {"v": 1}
 
 
 # --------------------------------------------------------------------------- the policy, live

@@ -18,9 +18,10 @@ import pytest
 
 import msstore
 from msstore import _nats, services
-from msstore.codec import dumps
+from msstore.codec import dumps, loads
 from msstore.errors import NotFoundError, StoreUnavailableError
 from msstore.hybrid import StateChange, merge_changes
+from msstore.keys import join_key
 from msstore.kv import ensure_bucket
 from msstore.lifecycle import IllegalTransitionError, LifecycleState, StateLifecycleManager
 from tests.fakes import FakeClock
@@ -69,11 +70,11 @@ async def kv_state(lm: StateLifecycleManager, agent: uuid.UUID, keys: list[str]
     out: dict[str, tuple[Any, int] | None] = {}
     for key in keys:
         try:
-            entry = await kv.get(msstore.join_key(str(agent), key))
+            entry = await kv.get(join_key(str(agent), key))
         except nats.js.errors.KeyNotFoundError:
             out[key] = None
         else:
-            out[key] = (msstore.loads(entry.value or b"null"), entry.revision or 0)
+            out[key] = (loads(entry.value or b"null"), entry.revision or 0)
     return out
 
 
@@ -136,7 +137,7 @@ async def test_hydration_never_overwrites_a_newer_kv_value(
     agent = uuid.uuid4()
     await seed_sql(ms, agent, {"plan": "old", "goal": "from sql"})
     kv = await ms.js.key_value(lm.bucket)
-    await kv.put(msstore.join_key(str(agent), "plan"), dumps("newer"))
+    await kv.put(join_key(str(agent), "plan"), dumps("newer"))
     result = await lm.hydrate_agent(agent)
     assert (result.created, result.skipped) == (1, 1)
     assert await lm.read_state(agent, "plan") == "newer"
@@ -165,9 +166,9 @@ async def test_hydration_counts_are_exact_and_newer_values_and_delete_markers_wi
     async with StateLifecycleManager(ms, bucket=unique("exact"), hydrate_chunk=8) as lm:
         kv = await ms.js.key_value(lm.bucket)
         for key in newer:
-            await kv.put(msstore.join_key(str(agent), key), dumps({"kv": key}))
+            await kv.put(join_key(str(agent), key), dumps({"kv": key}))
         for key in deleted:
-            await kv.delete(msstore.join_key(str(agent), key))
+            await kv.delete(join_key(str(agent), key))
         result = await lm.hydrate_agent(agent)
         assert (result.rows, result.created, result.skipped) == (100, 65, 35)
         assert (lm.counters["keys_hydrated"], lm.counters["keys_skipped"]) == (65, 35)
@@ -195,7 +196,7 @@ async def test_a_value_written_while_hydrating_is_never_overwritten(
         kv = await ms.js.key_value(lm.bucket)
         result, *_ = await asyncio.gather(
             lm.hydrate_agent(agent),
-            *(kv.put(msstore.join_key(str(agent), k), dumps("newer")) for k in raced))
+            *(kv.put(join_key(str(agent), k), dumps("newer")) for k in raced))
         # each raced key: either its create landed first (then the put replaced it) or the
         # put did (then the create was skipped); the counts add up either way
         assert result.created + result.skipped == result.rows == 300
@@ -429,7 +430,7 @@ async def test_a_flush_that_reads_back_an_older_revision_reads_the_epoch_again(
         await lm.write_state(agent, "k", i)
     epoch = await recreate_bucket(lm)
     kv = await ms.js.key_value(lm.bucket)
-    await kv.put(msstore.join_key(str(agent), "k"), dumps("theirs"))  # revision 1
+    await kv.put(join_key(str(agent), "k"), dumps("theirs"))  # revision 1
     await lm.flush_agent(agent)
     assert await sql_state(ms.pool, agent) == {"k": ("theirs", 1)}
     assert await sql_epochs(ms, agent) == {"k": epoch}

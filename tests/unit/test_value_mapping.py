@@ -28,10 +28,8 @@ from msstore import (
     MsstoreError,
     NotSerializableError,
     ValueTooLargeError,
-    dumps,
-    loads,
 )
-from msstore.codec import MAX_VALUE_BYTES
+from msstore.codec import MAX_VALUE_BYTES, dumps, loads
 
 MAX_DEPTH = 254  # orjson's limit, as documented
 
