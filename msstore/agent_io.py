@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, TypeVar, cast
+from typing import Final, TypeVar, cast
 
 import asyncpg
 import nats.js.errors
@@ -33,17 +33,14 @@ from nats.js.kv import KeyValue
 
 from . import _nats
 from ._check import agent_uuid, positive_int, positive_seconds
-from ._managed import Managed
 from ._pg import pg_errors
 from .codec import dumps
+from .engine import StateEngine, StateManager
 from .errors import InvalidOptionError, StoreUnavailableError
 from .keys import MAX_ENCODED_KEY, encode_key, encode_token, join_key
 from .kv import DEFAULT_TTL_SECONDS, nats_errors
 from .merge import MergeResult, StateChange, merge_changes
 from .transitions import LifecycleState, Slot, StateTracker
-
-if TYPE_CHECKING:
-    from .engine import StateEngine
 
 log = logging.getLogger("msstore.lifecycle")
 
@@ -71,7 +68,7 @@ COUNTERS: Final = (
 )
 
 
-class AgentIO(Managed):
+class AgentIO(StateManager):
     """Hydration and flushing of single agents, with their slots and the bucket's epoch.
 
     Built on a :class:`msstore.engine.StateEngine` (the key-level path): its bucket, its

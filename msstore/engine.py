@@ -37,6 +37,7 @@ from nats.js.kv import KeyValue
 
 from . import _nats
 from ._check import agent_uuid
+from ._managed import Managed
 from ._pg import pg_errors
 from ._readthrough import KVRead, read_through
 from .codec import dumps, loads
@@ -215,4 +216,43 @@ class StateEngine:
         return None if row is None else dumps(row["value"])
 
 
-__all__ = ["COUNTERS", "MISSING", "Encoded", "StateEngine", "Unflushed"]
+class StateManager(Managed):
+    """The verbs both agent-state managers offer, once; each says what ``_apply`` adds.
+
+    ``HybridStateManager`` adds backpressure and its flusher, ``StateLifecycleManager`` the
+    agent's hydration, gate and dirty keys (so its verbs hydrate a COLD/EXPIRED agent first).
+    """
+
+    engine: StateEngine
+
+    async def write_state(self, agent_id: uuid.UUID | str, key: str, value: Any) -> int:
+        """Store ``value`` in KV; return its revision once KV acknowledged it.
+
+        A :class:`StoreTimeoutError` means the write may still land (NATS did not answer).
+        """
+        self._check_open()
+        return await self._apply(self.engine.encode_write(agent_id, key, value))
+
+    async def remove_state(self, agent_id: uuid.UUID | str, key: str) -> int:
+        """Delete ``key`` (a KV delete marker, flushed as a guarded delete); return its revision."""
+        self._check_open()
+        return await self._apply(self.engine.encode_remove(agent_id, key))
+
+    async def read_state(self, agent_id: uuid.UUID | str, key: str,
+                         default: Any = MISSING) -> Any:
+        """KV first; on a miss the newest unflushed change, else PostgreSQL (then cached in KV).
+
+        Raises :class:`NotFoundError` when the key exists nowhere (unless ``default``).
+        """
+        self._check_open()
+        return await self._read(agent_id, key, default)
+
+    async def _apply(self, change: Encoded) -> int:
+        """Apply a checked change through the engine, with what the manager adds around it."""
+        raise NotImplementedError
+
+    async def _read(self, agent_id: uuid.UUID | str, key: str, default: Any) -> Any:
+        return await self.engine.read_state(agent_id, key, default)
+
+
+__all__ = ["COUNTERS", "MISSING", "Encoded", "StateEngine", "StateManager", "Unflushed"]

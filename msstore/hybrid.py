@@ -32,13 +32,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from . import _nats
 from ._background import wait_event
 from ._check import agent_uuid, one_of, optional_seconds, positive_int, positive_seconds
-from ._managed import Lifetime, Managed
-from .engine import MISSING, Encoded, StateEngine
+from ._managed import Lifetime
+from .engine import Encoded, StateEngine, StateManager
 from .errors import BackpressureError, StoreTimeoutError, StoreUnavailableError
 from .flushers import DirtySetFlusher, Flusher, FlushSettings
 from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, nats_errors
@@ -65,7 +65,7 @@ FlusherName = Literal["stream", "dirty-set"]
 FLUSHERS: Final = ("stream", "dirty-set")
 
 
-class HybridStateManager(Managed):
+class HybridStateManager(StateManager):
     """Agent state written to NATS KV first and flushed to ``agents.state`` behind the writer.
 
     ::
@@ -192,35 +192,17 @@ class HybridStateManager(Managed):
                 f"(max_backlog={self.max_backlog:,}; last error: {self.last_error!r}); retry "
                 "later, slow down, or raise max_backlog once PostgreSQL keeps up")
 
-    async def write_state(self, agent_id: uuid.UUID | str, key: str, value: Any) -> int:
-        """Store ``value`` in KV; return its revision once KV acknowledged it.
-
-        A :class:`StoreTimeoutError` means the write may still land (NATS did not answer).
-        """
-        self._check_open()
-        return await self._apply(self.engine.encode_write(agent_id, key, value))
-
-    async def remove_state(self, agent_id: uuid.UUID | str, key: str) -> int:
-        """Delete ``key`` (a KV delete marker, flushed as a guarded delete); return its revision."""
-        self._check_open()
-        return await self._apply(self.engine.encode_remove(agent_id, key))
+    # write_state / remove_state / read_state are msstore.engine.StateManager's (the same
+    # verbs as the lifecycle's); what write-behind adds around the engine is here.
 
     async def _apply(self, change: Encoded) -> int:
+        """Refuse when the backlog is full; after KV's ack, hand the change to the flusher."""
         flusher = self._flusher
         assert flusher is not None
         self._check_backpressure(flusher)
         applied = await self.engine.apply(change)
         flusher.note_write(applied)
         return applied.revision
-
-    async def read_state(self, agent_id: uuid.UUID | str, key: str,
-                         default: Any = MISSING) -> Any:
-        """KV first; on a miss the newest unflushed change, else PostgreSQL (then cached in KV).
-
-        Raises :class:`NotFoundError` when the key exists nowhere (unless ``default``).
-        """
-        self._check_open()
-        return await self.engine.read_state(agent_id, key, default)
 
     async def _after_sql_read(self, agent: uuid.UUID, key: str) -> None:
         """Test seam: runs between the load of the value and the KV create of a hydration."""

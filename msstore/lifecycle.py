@@ -86,7 +86,7 @@ from ._check import agent_uuid, positive_seconds
 from ._managed import Lifetime
 from .agent_io import COUNTERS, AgentIO, HydrationResult
 from .checkpoints import RestoreResult
-from .engine import MISSING, Encoded, StateEngine
+from .engine import Encoded, StateEngine
 from .errors import IllegalTransitionError, InvalidOptionError
 from .keys import encode_token
 from .kv import DEFAULT_TTL_SECONDS, nats_errors
@@ -220,37 +220,19 @@ class StateLifecycleManager(AgentIO):
         return frozenset(slot.dirty) if slot else frozenset()
 
     # ---------------------------------------------------------------- reads and writes
-
-    async def write_state(self, agent_id: uuid.UUID | str, key: str, value: Any) -> int:
-        """Put ``value`` into KV and mark ``key`` dirty; return the KV revision.
-
-        A COLD or EXPIRED agent is hydrated first. A :class:`StoreTimeoutError` means the
-        write may still land (NATS did not answer).
-        """
-        self._check_open()
-        return await self._apply(self.engine.encode_write(agent_id, key, value))
-
-    async def remove_state(self, agent_id: uuid.UUID | str, key: str) -> int:
-        """Put a KV delete marker for ``key`` and mark it dirty (flushed as a SQL delete)."""
-        self._check_open()
-        return await self._apply(self.engine.encode_remove(agent_id, key))
+    # write_state / remove_state / read_state are msstore.engine.StateManager's (the same
+    # verbs as the hybrid manager's); what the lifecycle adds around the engine is here.
 
     async def _apply(self, change: Encoded) -> int:
+        """Hydrate if needed and hold the agent's gate; mark the key dirty once KV has it."""
         async with self._active(change.agent) as slot:
             applied = await self.engine.apply(change)
             await self._mark_dirty(slot, {applied.key: applied.revision})
         return applied.revision
 
-    async def read_state(self, agent_id: uuid.UUID | str, key: str,
-                         default: Any = MISSING) -> Any:
-        """Read ``key`` from KV (hydrating the agent first if needed).
-
-        A key with no KV message at all (the bucket's max age dropped it) is read through by
-        the engine: the SQL row, created in KV if KV still has nothing, else KV's newer value
-        or delete marker. Raises :class:`NotFoundError` unless ``default``.
-        """
-        self._check_open()
-        agent, _kv_key = self.engine.key(agent_id, key)
+    async def _read(self, agent_id: uuid.UUID | str, key: str, default: Any) -> Any:
+        """Hydrate if needed and hold the agent's gate while the engine reads through."""
+        agent, _kv_key = self.engine.key(agent_id, key)  # typed errors before hydrating
         async with self._active(agent):
             return await self.engine.read_state(agent, key, default)
 
