@@ -11,33 +11,12 @@ import warnings as _warnings
 from importlib import metadata as _metadata
 from typing import Any as _Any
 
+from . import errors as _errors
 from .agent_io import HydrationResult
 from .cache import CacheEntry, CacheSource, TieredCacheRepository
 from .checkpoints import RestoreResult
 from .connection import Connection, connect
-from .errors import (
-    BackpressureError,
-    ConflictError,
-    DataRejectedError,
-    IllegalTransitionError,
-    InvalidAgentIdError,
-    InvalidKeyError,
-    InvalidOptionError,
-    InvalidValueError,
-    MigrationChecksumError,
-    MigrationError,
-    MsstoreError,
-    NotFoundError,
-    NotOpenError,
-    NotSerializableError,
-    PendingWritesError,
-    RoutingError,
-    ServiceError,
-    StoreError,
-    StoreTimeoutError,
-    StoreUnavailableError,
-    ValueTooLargeError,
-)
+from .errors import *  # noqa: F403 - the errors, listed once: msstore.errors.__all__
 from .hybrid import HybridStateManager
 from .layers import (
     Embedder,
@@ -113,27 +92,5 @@ __all__ += [
     "RestoreResult",
     "TransitionEvent",
 ]
-#: the errors (msstore.errors)
-__all__ += [
-    "BackpressureError",
-    "ConflictError",
-    "DataRejectedError",
-    "IllegalTransitionError",
-    "InvalidAgentIdError",
-    "InvalidKeyError",
-    "InvalidOptionError",
-    "InvalidValueError",
-    "MigrationChecksumError",
-    "MigrationError",
-    "MsstoreError",
-    "NotFoundError",
-    "NotOpenError",
-    "NotSerializableError",
-    "PendingWritesError",
-    "RoutingError",
-    "ServiceError",
-    "StoreError",
-    "StoreTimeoutError",
-    "StoreUnavailableError",
-    "ValueTooLargeError",
-]
+#: the errors, every MsstoreError subclass (listed once, in msstore.errors)
+__all__ += _errors.__all__

@@ -52,7 +52,12 @@ class Managed:
         self._state = Lifetime.OPEN
 
     async def close(self) -> None:
-        """Release what ``start()`` opened; the connection stays open (it is yours)."""
+        """Release what ``start()`` opened; the connection stays open (it is yours).
+
+        What that means per manager is its ``_close``: the hybrid flushes for at most
+        ``close_timeout`` seconds, the lifecycle flushes its dirty agents, the repository
+        drains its SQL writes (and stays open if it cannot).
+        """
         if self._state is Lifetime.OPEN:
             await self._close()
         self._state = Lifetime.CLOSED
