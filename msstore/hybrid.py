@@ -2,18 +2,22 @@
 
 ::
 
-    write_state ──encode once──▶ KV put ──ack (revision)──▶ caller
+    write_state ──backpressure──▶ engine: encode once, KV put ──ack (revision)──▶ caller
                                     │ (flushers.py: the stream flusher reads the bucket's
                                     ▼  durability log, the dirty-set flusher its own dict)
                            Committer: coalesce ─▶ 1 SQL statement (merge.py)
 
-    read_state ──▶ KV get ──hit──▶ value
+    read_state ──▶ engine: KV get ──hit──▶ value
                       │ miss (no message at all; a delete marker is an authoritative miss)
                       ▼
-                  newest unflushed change of the key (log / dirty set), else the SQL row
+                  newest unflushed change of the key (the flusher: log / dirty set),
+                  else the SQL row
                       ▼
                   KV create-if-absent (compare-and-set, marked "hydrated": never a blind put)
                       │ lost the race ──▶ re-read KV: the newer write wins
+
+The key-level path is :mod:`msstore.engine`'s (the lifecycle manager runs on it too); this
+module adds the write-behind around it.
 
 The KV TTL (the bucket's max age) governs the cache tier only. An acknowledged change waits
 in the durability log (stream flusher) or in the process (dirty-set flusher) until PostgreSQL
