@@ -13,7 +13,9 @@
                   KV create-if-absent, marked "hydrated" (compare-and-set, never a blind put)
                       │ lost the race ──▶ re-read KV: the newer write wins
 
-Both managers are this engine plus what they add around it:
+Both managers are this engine plus what they add around it; their public verbs
+(``write_state``, ``remove_state``, ``read_state``) are written once, in :class:`StateManager`
+at the end of this module, and each manager only says what its ``_apply`` adds:
 
 * :class:`msstore.hybrid.HybridStateManager` — write-behind: backpressure before ``apply``,
   the flusher notes each change after it and is the engine's ``unflushed`` source;
