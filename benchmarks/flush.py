@@ -23,6 +23,7 @@ import asyncpg
 import pandas as pd
 
 import msstore
+from msstore.codec import dumps
 from msstore.hybrid import FlusherName, HybridStateManager
 from msstore.keys import join_key
 
@@ -93,7 +94,7 @@ async def run(ms: msstore.Connection, p: dict[str, int], *, bar: bool = True
     n, reps = p["flush_keys"], p["flush_reps"]
     keys = [f"k{i:05d}" for i in range(n)]
     values = [payload(i) for i in range(n)]
-    encoded = [msstore.dumps(v) for v in values]
+    encoded = [dumps(v) for v in values]
     samples: list[dict[str, Any]] = []
     cmp_seed = {f: Comparison(1, "flush", f"flush {n:,} dirty keys", "s", f"{f} flusher",
                               "seed flushAgent") for f in ("dirty-set", "stream")}

@@ -20,6 +20,7 @@ import pandas as pd
 
 import msstore
 from msstore.cache import TieredCacheRepository
+from msstore.codec import dumps, loads
 from msstore.hybrid import StateChange, merge_changes
 from msstore.keys import join_key
 from msstore.workloads import zipf_keys
@@ -48,7 +49,7 @@ async def run(ms: msstore.Connection, p: dict[str, int], *, bar: bool = True
     ops, n_keys, reps = p["read_ops"], p["read_keys"], p["read_reps"]
     keys = [f"doc{i:05d}" for i in range(n_keys)]
     sequence = zipf_keys(keys, ops, skew=SKEW, seed=11)
-    encoded = [msstore.dumps(payload(i)) for i in range(n_keys)]
+    encoded = [dumps(payload(i)) for i in range(n_keys)]
     cmps = {
         (m, b): Comparison(6, "read path", f"read latency {m}", "µs", "tiered cache", b)
         for m in ("mean", "p99") for b in ("PostgreSQL only", "KV only")
@@ -71,7 +72,7 @@ async def run(ms: msstore.Connection, p: dict[str, int], *, bar: bool = True
 
         async def kv_read(key: str) -> Any:
             entry = await kv.get(kv_keys[key])
-            return msstore.loads(entry.value)
+            return loads(entry.value)
 
         for rep in range(reps):
             cache: TieredCacheRepository[Any] = TieredCacheRepository(

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 import msstore
+from msstore.codec import dumps
 from msstore.hybrid import HybridStateManager
 from msstore.keys import join_key
 
@@ -57,7 +58,7 @@ async def run(ms: msstore.Connection, p: dict[str, int], *, bar: bool = True
     log50 = Comparison(2, "write", "sequential write p50", "µs", "raw kv.put, logged bucket",
                        "raw kv.put, plain bucket")
     values = [payload(i) for i in range(KEYS)]
-    encoded = [msstore.dumps(v) for v in values]
+    encoded = [dumps(v) for v in values]
     samples: list[dict[str, Any]] = []
     pb = progress(reps * (3 * ops + 2 * conc_ops), "#2 write", bar)
     async with scratch(ms) as s:

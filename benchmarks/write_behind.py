@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 import msstore
+from msstore.codec import dumps
 from msstore.hybrid import HybridStateManager
 from msstore.keys import join_key
 from msstore.workloads import zipf_keys
@@ -89,7 +90,7 @@ async def run(ms: msstore.Connection, p: dict[str, int], *, bar: bool = True
                     kv_keys = {k: join_key(str(agent), k) for k in keys}
                     for i, key in enumerate(sequence):
                         t0 = perf()
-                        data = msstore.dumps(values[i])
+                        data = dumps(values[i])
                         rev = await wt_kv.put(kv_keys[key], data)
                         await ms.pool.execute(WRITE_THROUGH_SQL, agent, key, data.decode(), rev)
                         lat.append(perf() - t0)

@@ -13,9 +13,10 @@
         │ False: another writer got there first
         └──▶ read KV again (at most ``attempts`` times; then the loaded value, uncached)
 
-Every module that puts a durable copy back into KV (the hybrid manager, the lifecycle, the
-repository, the tiered cache) goes through :func:`read_through`, so a lost race always ends
-with the newer write, never with the older copy that was loaded.
+Every module that puts a durable copy back into KV (the key-level engine under both state
+managers, :mod:`msstore.engine`; the repository; the tiered cache) goes through
+:func:`read_through`, so a lost race always ends with the newer write, never with the older
+copy that was loaded.
 """
 
 from __future__ import annotations

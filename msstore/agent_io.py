@@ -9,10 +9,11 @@
     flush_agent     KV ──dirty keys, 1 pipelined read──▶ merge_changes(epoch) ──▶ agents.state
                       ACTIVE → FLUSHING → ACTIVE               one transaction, or nothing
 
-:class:`AgentIO` is the engine under :class:`msstore.lifecycle.StateLifecycleManager`: the
-per-agent slots (op lock, gate, dirty keys; :mod:`msstore.transitions`), the bucket's epoch
-(:class:`msstore._nats.BucketEpoch`) and the two moves that carry an agent's data between the
-tiers. The manager adds the public reads and writes, checkpoints and expiry on top.
+:class:`AgentIO` is the per-agent half of :class:`msstore.lifecycle.StateLifecycleManager`,
+on top of the key-level :class:`msstore.engine.StateEngine`: the per-agent slots (op lock,
+gate, dirty keys; :mod:`msstore.transitions`), the bucket's epoch
+(:class:`msstore._nats.BucketEpoch`) and the two moves that carry a whole agent between the
+tiers. The manager adds the public verbs, checkpoints and expiry on top.
 """
 
 from __future__ import annotations
@@ -24,24 +25,22 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, TypeVar, cast
+from typing import Final, TypeVar, cast
 
 import asyncpg
 import nats.js.errors
 from nats.js.kv import KeyValue
 
 from . import _nats
-from ._check import agent_uuid, not_open, positive_int, positive_seconds
+from ._check import agent_uuid, positive_int, positive_seconds
 from ._pg import pg_errors
 from .codec import reencode
+from .engine import StateEngine, StateManager
 from .errors import InvalidOptionError, StoreUnavailableError
 from .keys import MAX_ENCODED_KEY, encode_key, encode_token, join_key
-from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket, nats_errors
+from .kv import DEFAULT_TTL_SECONDS, nats_errors
 from .merge import LOAD_AGENT_TEXT, MergeResult, StateChange, merge_changes
 from .transitions import LifecycleState, Slot, StateTracker
-
-if TYPE_CHECKING:
-    from .connection import Connection
 
 log = logging.getLogger("msstore.lifecycle")
 
@@ -60,57 +59,58 @@ class HydrationResult:
     sql_load: bool  # False: the agent was already ACTIVE, nothing was loaded
 
 
+#: The per-agent counters; the key-level ones (writes, reads, hydrations of single keys …)
+#: are :data:`msstore.engine.COUNTERS`, in the same dict.
 COUNTERS: Final = (
-    "sql_loads", "hydrations", "hydration_joins", "hydration_failures", "keys_hydrated",
-    "keys_skipped", "hydration_peak_in_flight", "writes", "deletes", "reads", "read_fallbacks",
-    "read_races",
-    "flushes", "flush_failures", "rows_flushed", "dirty_lost", "checkpoints", "restores",
-    "expirations", "expire_failures", "sweeps",
+    "sql_loads", "agent_hydrations", "hydration_joins", "hydration_failures", "keys_hydrated",
+    "keys_skipped", "hydration_peak_in_flight", "flushes", "flush_failures", "rows_flushed",
+    "dirty_lost", "checkpoints", "restores", "expirations", "expire_failures", "sweeps",
 )
 
 
-class AgentIO:
-    """Hydration and flushing of single agents, with their slots and the bucket's epoch."""
+class AgentIO(StateManager):
+    """Hydration and flushing of single agents, with their slots and the bucket's epoch.
 
-    def __init__(self, ms: Connection, *, bucket: str = "agent_state",
-                 ttl: float = DEFAULT_TTL_SECONDS, hydrate_chunk: int = 256,
-                 sql_timeout: float = 30.0, nats_timeout: float = 5.0,
+    Built on a :class:`msstore.engine.StateEngine` (the key-level path): its bucket, its
+    connection and its counters are this object's too.
+    """
+
+    def __init__(self, engine: StateEngine, *, ttl: float = DEFAULT_TTL_SECONDS,
+                 hydrate_chunk: int = 256, nats_timeout: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not callable(clock):
             raise InvalidOptionError(f"clock must be a callable returning seconds, got "
                                      f"{clock!r}")
-        self.ms = ms
-        self.bucket = check_bucket_name(bucket)
-        self.stream = _nats.kv_stream(bucket)
-        self.subject_prefix = _nats.kv_prefix(bucket)
+        self.engine = engine
+        self.ms = engine.ms
+        self.bucket = engine.bucket
+        self.stream = engine.stream
+        self.subject_prefix = engine.subject_prefix
+        self.sql_timeout = engine.sql_timeout
         self.ttl = positive_seconds("ttl", ttl)
         self.hydrate_chunk = positive_int("hydrate_chunk", hydrate_chunk)
-        self.sql_timeout = positive_seconds("sql_timeout", sql_timeout)
         self.nats_timeout = positive_seconds("nats_timeout", nats_timeout)
         self.clock = clock
         self.tracker = StateTracker()
-        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.counters = engine.counters
+        for name in COUNTERS:
+            self.counters.setdefault(name, 0)
         self.last_error: BaseException | None = None
         self._slots: dict[uuid.UUID, Slot] = {}
         self._inflight: dict[uuid.UUID, asyncio.Task[HydrationResult]] = {}
-        self._kv: KeyValue | None = None
         self._epoch: _nats.BucketEpoch | None = None
-        self._closed = False
 
     async def _open_bucket(self) -> None:
         """Open the bucket (``ttl`` as max age) and read its epoch."""
         epoch = _nats.BucketEpoch(self.ms.js, self.bucket)
         with nats_errors(f"open KV bucket {self.bucket!r}"):
-            kv = await ensure_bucket(self.ms.js, self.bucket, ttl=self.ttl)
+            await self.engine.open(ttl=self.ttl)
             await epoch.read()
-        self._kv, self._epoch = kv, epoch
+        self._epoch = epoch
 
     def _bucket(self) -> KeyValue:
-        if self._kv is None or self._closed:
-            raise not_open("StateLifecycleManager", "closed" if self._closed else "not started",
-                           "use `async with StateLifecycleManager(ms) as lm` or "
-                           "`await StateLifecycleManager.open(ms)`")
-        return self._kv
+        self._check_open()
+        return self.engine.kv
 
     def _slot(self, agent: uuid.UUID) -> Slot:
         slot = self._slots.get(agent)
@@ -210,7 +210,7 @@ class AgentIO:
             self.tracker.transition(agent, S.ACTIVE)
         peak = self.counters["hydration_peak_in_flight"]
         self.counters["hydration_peak_in_flight"] = max(peak, done.peak_in_flight)
-        self.counters["hydrations"] += 1
+        self.counters["agent_hydrations"] += 1
         self.counters["keys_hydrated"] += done.created
         self.counters["keys_skipped"] += done.skipped
         return HydrationResult(agent, len(rows), done.created, done.skipped, sql_load=True)

@@ -2,18 +2,22 @@
 
 ::
 
-    write_state ──encode once──▶ KV put ──ack (revision)──▶ caller
+    write_state ──backpressure──▶ engine: encode once, KV put ──ack (revision)──▶ caller
                                     │ (flushers.py: the stream flusher reads the bucket's
                                     ▼  durability log, the dirty-set flusher its own dict)
                            Committer: coalesce ─▶ 1 SQL statement (merge.py)
 
-    read_state ──▶ KV get ──hit──▶ value
+    read_state ──▶ engine: KV get ──hit──▶ value
                       │ miss (no message at all; a delete marker is an authoritative miss)
                       ▼
-                  newest unflushed change of the key (log / dirty set), else the SQL row
+                  newest unflushed change of the key (the flusher: log / dirty set),
+                  else the SQL row
                       ▼
                   KV create-if-absent (compare-and-set, marked "hydrated": never a blind put)
                       │ lost the race ──▶ re-read KV: the newer write wins
+
+The key-level path is :mod:`msstore.engine`'s (the lifecycle manager runs on it too); this
+module adds the write-behind around it.
 
 The KV TTL (the bucket's max age) governs the cache tier only. An acknowledged change waits
 in the durability log (stream flusher) or in the process (dirty-set flusher) until PostgreSQL
@@ -30,29 +34,19 @@ out-of-order batches and older upserts after a delete (tombstones) are no-ops.
 from __future__ import annotations
 
 import asyncio
-import enum
-import functools
 import logging
 import uuid
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal
-
-import nats.errors
-import nats.js.errors
-from nats.js.kv import KeyValue
+from typing import TYPE_CHECKING, Final, Literal
 
 from . import _nats
 from ._background import wait_event
-from ._check import agent_uuid, not_open, one_of, optional_seconds, positive_int, positive_seconds
-from ._pg import pg_errors
-from ._readthrough import KVRead, read_through
-from .codec import dumps, loads, reencode
-from .errors import BackpressureError, NotFoundError, StoreTimeoutError, StoreUnavailableError
+from ._check import agent_uuid, one_of, optional_seconds, positive_int, positive_seconds
+from ._managed import Lifetime
+from .engine import Encoded, StateEngine, StateManager
+from .errors import BackpressureError, StoreTimeoutError, StoreUnavailableError
 from .flushers import DirtySetFlusher, Flusher, FlushSettings
-from .keys import join_key
-from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket, nats_error, nats_errors
+from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, nats_errors
 from .merge import (
-    READ_VALUE_TEXT,
     Committer,
     MergeResult,
     Metrics,
@@ -73,26 +67,9 @@ log = logging.getLogger("msstore.hybrid")
 
 FlusherName = Literal["stream", "dirty-set"]
 FLUSHERS: Final = ("stream", "dirty-set")
-_MISSING: Final = object()
 
 
-class _State(enum.Enum):
-    NEW = "new"
-    OPEN = "open"
-    CLOSED = "closed"
-
-
-@functools.lru_cache(maxsize=16_384)
-def _agent_kv_key(agent_id: uuid.UUID | str, key: str) -> tuple[uuid.UUID, str]:
-    """``(agent UUID, KV key)``, memoised: agents rewrite the same keys over and over.
-
-    Exceptions (an invalid id or key) are not cached: they are raised on every call.
-    """
-    agent = agent_uuid(agent_id)
-    return agent, join_key(str(agent), key)
-
-
-class HybridStateManager:
+class HybridStateManager(StateManager):
     """Agent state written to NATS KV first and flushed to ``agents.state`` behind the writer.
 
     ::
@@ -100,7 +77,13 @@ class HybridStateManager:
         async with HybridStateManager(ms, flusher="stream") as hsm:
             rev = await hsm.write_state(agent_id, "plan", {"step": 1})
             await hsm.read_state(agent_id, "plan")      # {"step": 1}
+
+    The key-level work is :class:`msstore.engine.StateEngine`'s; this class adds the
+    write-behind: backpressure, the flusher (which notes every change and answers the
+    engine's "newest unflushed change" lookups), ``flush``/``close`` and the metrics.
     """
+
+    _usage = "`async with HybridStateManager(ms) as hsm` or `await HybridStateManager.open(ms)`"
 
     def __init__(self, ms: Connection, *, bucket: str = "agent_state",
                  flusher: FlusherName = "stream", flush_threshold: int = 50,
@@ -137,25 +120,16 @@ class HybridStateManager:
         self.tombstone_retention = max(
             positive_seconds("tombstone_retention", tombstone_retention), ttl + ack_wait)
         self.metrics_store = Metrics()
-        self._state = _State.NEW
-        self._kv: KeyValue | None = None
+        self.engine = StateEngine(ms, bucket=bucket, sql_timeout=self.sql_timeout,
+                                  counters=self.metrics_store.counters,
+                                  after_load=self._after_sql_read)
         self._committer: Committer | None = None
         self._flusher: Flusher | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
-    @classmethod
-    async def open(cls, ms: Connection, **options: Any) -> HybridStateManager:
-        """Create and start a manager (the non-``async with`` spelling)."""
-        hsm = cls(ms, **options)
-        await hsm.start()
-        return hsm
-
-    async def start(self) -> None:
+    async def _start(self) -> None:
         """Open the bucket (creating it with ``ttl`` as max age) and start the flusher."""
-        if self._state is not _State.NEW:
-            raise not_open("HybridStateManager", self._state.value,
-                           "a manager starts once; create a new one")
         s = self.settings
         self._committer = Committer(
             self.ms.pool, self.metrics_store,
@@ -165,10 +139,11 @@ class HybridStateManager:
         kind = StreamFlusher if self.flusher_name == "stream" else DirtySetFlusher
         flusher = kind(s, self._committer, self.ms.js, self.ms.nc)
         with nats_errors(f"open KV bucket {self.bucket!r} and its flusher"):
-            self._kv = await ensure_bucket(self.ms.js, self.bucket, ttl=self.ttl)
+            await self.engine.open(ttl=self.ttl)
             await flusher.start()
         self._flusher = flusher
-        self._state = _State.OPEN
+        self.engine.unflushed = flusher
+        self.engine.logged = self.flusher_name == "stream"
 
     async def flush(self) -> None:
         """Wait until every write acknowledged before this call is committed to PostgreSQL.
@@ -181,7 +156,7 @@ class HybridStateManager:
         with nats_errors("follow the flush"):
             await self._flusher.flush()
 
-    async def close(self) -> None:
+    async def _close(self) -> None:
         """Flush everything, then stop the flusher (the connection stays open: it is yours).
 
         The final flush waits at most ``close_timeout`` seconds (``None``: as long as it takes),
@@ -191,8 +166,7 @@ class HybridStateManager:
         the dirty-set flusher's buffer is lost (its known flaw), and
         :class:`StoreTimeoutError` says how many keys.
         """
-        if self._state is not _State.OPEN or self._flusher is None:
-            return
+        assert self._flusher is not None
         task = asyncio.current_task()
         try:
             if task is not None and task.cancelling():
@@ -209,30 +183,9 @@ class HybridStateManager:
                 f"{self.last_error!r}); {self._flusher.backlog()} changes {where}") from e
         finally:
             await self._flusher.close()
-            self._state = _State.CLOSED
-
-    async def __aenter__(self) -> HybridStateManager:
-        await self.start()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.close()
-
-    def _check_open(self) -> KeyValue:
-        if self._state is not _State.OPEN or self._kv is None:
-            raise not_open("HybridStateManager", self._state.value,
-                           "use `async with HybridStateManager(ms) as hsm` or "
-                           "`await HybridStateManager.open(ms)`")
-        return self._kv
+            self._state = Lifetime.CLOSED
 
     # ---------------------------------------------------------------- the API
-
-    def _kv_key(self, agent_id: object, key: str) -> tuple[uuid.UUID, str]:
-        if type(key) is str and (type(agent_id) is uuid.UUID or type(agent_id) is str):
-            return _agent_kv_key(agent_id, key)  # memoised: the hot path of every call
-        agent = agent_uuid(agent_id)
-        return agent, join_key(str(agent), key)
 
     def _check_backpressure(self, flusher: Flusher) -> None:
         backlog = flusher.backlog()
@@ -243,100 +196,17 @@ class HybridStateManager:
                 f"(max_backlog={self.max_backlog:,}; last error: {self.last_error!r}); retry "
                 "later, slow down, or raise max_backlog once PostgreSQL keeps up")
 
-    async def write_state(self, agent_id: uuid.UUID | str, key: str, value: Any) -> int:
-        """Store ``value`` in KV; return its revision once KV acknowledged it.
+    # write_state / remove_state / read_state are msstore.engine.StateManager's (the same
+    # verbs as the lifecycle's); what write-behind adds around the engine is here.
 
-        A :class:`StoreTimeoutError` means the write may still land (NATS did not answer).
-        """
-        kv = self._check_open()
-        agent, kv_key = self._kv_key(agent_id, key)
-        data = dumps(value)  # typed errors before any I/O
+    async def _apply(self, change: Encoded) -> int:
+        """Refuse when the backlog is full; after KV's ack, hand the change to the flusher."""
         flusher = self._flusher
         assert flusher is not None
         self._check_backpressure(flusher)
-        try:  # inline, not `with nats_errors(…)`: this is the hot path
-            revision = await kv.put(kv_key, data)
-        except (nats.errors.Error, TimeoutError) as e:
-            raise nats_error(f"write {key!r}", e) from e
-        flusher.note_write(StateChange(agent, key, revision, data))
-        self.metrics_store.counters["writes"] += 1
-        return revision
-
-    async def remove_state(self, agent_id: uuid.UUID | str, key: str) -> int:
-        """Delete ``key`` (a KV delete marker, flushed as a guarded delete); return its revision."""
-        self._check_open()
-        agent, kv_key = self._kv_key(agent_id, key)
-        assert self._flusher is not None
-        self._check_backpressure(self._flusher)
-        with nats_errors(f"remove {key!r}"):
-            revision = await _nats.publish_delete(self.ms.js, self.subject_prefix + kv_key)
-        self._flusher.note_write(StateChange(agent, key, revision, None))
-        self.metrics_store.add("removes")
-        return revision
-
-    async def read_state(self, agent_id: uuid.UUID | str, key: str,
-                         default: Any = _MISSING) -> Any:
-        """KV first; on a miss the newest unflushed change, else PostgreSQL (then cached in KV).
-
-        Raises :class:`NotFoundError` when the key exists nowhere (unless ``default``).
-        """
-        kv = self._check_open()
-        agent, kv_key = self._kv_key(agent_id, key)
-        subject = self.subject_prefix + kv_key
-        self.metrics_store.add("reads")
-
-        async def read_kv() -> KVRead[bytes]:
-            with nats_errors(f"read {key!r}"):
-                return await _nats.kv_read(kv, kv_key)
-
-        async def load() -> bytes | None:
-            data = await self._newest(agent, key, subject)
-            await self._after_sql_read(agent, key)
-            return data
-
-        async def create(data: bytes) -> bool:
-            if self.flusher_name == "stream" and not _nats.sources_drop_expectations(self.ms.nc):
-                # NATS < 2.10.14 (see _nats): serve, do not cache — unless a write got there
-                # first, which then wins like a lost compare-and-set
-                if (await read_kv()).status != "miss":
-                    self.metrics_store.add("hydration_conflicts")
-                    return False
-                self.metrics_store.add("hydrations_uncached")
-                return True
-            with nats_errors(f"hydrate {key!r}"):
-                created = await _nats.create_hydrated(self.ms.js, subject, data)
-            self.metrics_store.add("hydrations" if created else "hydration_conflicts")
-            return created
-
-        got = await read_through(read_kv, load, create, bytes)
-        if got.source == "kv":
-            self.metrics_store.add("kv_hits")
-        if got.found:
-            return loads(got.value or b"null")
-        self.metrics_store.add("not_found")
-        if default is not _MISSING:
-            return default
-        raise NotFoundError(f"no state for agent {agent} key {key!r}")
-
-    async def _newest(self, agent: uuid.UUID, key: str, subject: str) -> bytes | None:
-        """The newest durable value of a key KV does not hold, as codec bytes (None: none).
-
-        The newest acknowledged change that PostgreSQL may not have yet (the durability log's
-        last message for the key, or this process' dirty set) wins over the SQL row: a key
-        whose KV entry expired before its flush is served its newest value, not the row's.
-        SQL values are re-encoded with the codec (compact, exactly as written), never copied
-        as PostgreSQL's text form, which can be larger than what NATS accepts.
-        """
-        assert self._flusher is not None
-        with nats_errors(f"look up unflushed changes of {key!r}"):
-            change = await self._flusher.pending(agent, key, subject)
-        if change is not None:
-            self.metrics_store.add("hydrations_from_log")
-            return change.data  # None: deleted, and the delete is not flushed yet
-        with pg_errors(f"read {key!r} (KV has no copy)"):
-            text = await self.ms.pool.fetchval(READ_VALUE_TEXT, agent, key,
-                                               timeout=self.sql_timeout)
-        return None if text is None else reencode(text)
+        applied = await self.engine.apply(change)
+        flusher.note_write(applied)
+        return applied.revision
 
     async def _after_sql_read(self, agent: uuid.UUID, key: str) -> None:
         """Test seam: runs between the load of the value and the KV create of a hydration."""

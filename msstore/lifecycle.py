@@ -2,30 +2,44 @@
 
 ::
 
-    StateLifecycleManager (here)          the public API
-        │ write / delete ──▶ KV put / delete marker ──▶ revision; the key is marked dirty
-        │ read ──▶ KV get ──miss──▶ read_through: SQL row → create-if-absent → re-read
+    StateLifecycleManager (here)          the public API, per agent
+        │ write_state / remove_state / read_state: hydrate the agent if COLD/EXPIRED, hold
+        │   its gate, then the engine's key-level path; a write marks the key dirty
         │ checkpoint / restore ──▶ checkpoints.py: KV watch ⇄ agents.checkpoints
         │ expire, idle sweeper (a Worker) ──▶ flush, then purge $KV.<bucket>.<agent>.>
         ▼
     AgentIO (agent_io.py)                 hydrate_agent: SQL → KV    flush_agent: KV → SQL
+        ├──▶ StateTracker, Slot (transitions.py)   states and legal moves, locks, dirty keys
         ▼
-    StateTracker, Slot (transitions.py)   states and legal moves, per-agent locks, dirty keys
+    StateEngine (engine.py)               the key-level path the hybrid manager uses too:
+                                          KV put / delete marker, read-through, hydration
 
 The state machine and its diagram are in :mod:`msstore.transitions`: only the seven edges of
 :data:`TRANSITIONS` are legal, any other raises :class:`IllegalTransitionError`. Every
 transition is recorded and passed to listeners registered with
 :meth:`StateLifecycleManager.on_transition`.
 
-**Lifecycle or hybrid manager?** Both keep ``agents.state`` behind the same KV bucket and
-write rows the same way (:func:`msstore.merge.merge_changes`, version = KV revision, epoch = the
-bucket stream's incarnation), so their rows order the same way. Use this manager for agents
-that are loaded, worked on, checkpointed and expired *as a unit*: it tracks each agent's state,
-flushes one agent in one transaction when you say so (an error means nothing was committed),
-snapshots and restores it, and purges it from KV when idle. Use
-:class:`msstore.hybrid.HybridStateManager` for key-level write-behind across many agents:
-writes return at the KV ack and background flushers batch every agent's changes into
-PostgreSQL, with a durability log that survives restarts.
+**Lifecycle or hybrid manager?** One engine (:class:`msstore.engine.StateEngine`) writes,
+reads and hydrates single keys for both, with the same verbs (``write_state``,
+``read_state``, ``remove_state``), the same counters and the same row format (version = KV
+revision, epoch = the bucket stream's incarnation, :func:`msstore.merge.merge_changes`). They
+differ in who decides when PostgreSQL gets a change:
+
+* :class:`msstore.hybrid.HybridStateManager` — *key-level write-behind across many agents*.
+  Background flushers batch every agent's changes into PostgreSQL; with the default stream
+  flusher an acknowledged write survives a crash of the process (a durability log), and a
+  read of a key KV lost is served its newest unflushed change. Use it for state written
+  often by many agents at once.
+* this manager — *the per-agent view*: an agent is loaded, worked on, checkpointed and expired
+  as a unit. Nothing reaches PostgreSQL until you call ``flush_agent`` (one transaction: an
+  error means nothing was committed), ``expire``, or the idle sweeper does; dirty keys live in
+  this process (KV holds their values), so a crash before the flush leaves them in KV only,
+  for as long as the bucket's max age keeps them.
+
+Pick one manager per agent. Both default to the bucket ``agent_state``; run on it together,
+their rows still order correctly (one stream, one epoch, one guarded merge), but a hybrid's
+stream flusher then also commits this manager's writes in the background, so "nothing is
+committed until ``flush_agent``" no longer holds for that bucket.
 
 What msstore adds to the seed's pseudocode, and which shared piece does it:
 
@@ -35,8 +49,9 @@ What msstore adds to the seed's pseudocode, and which shared piece does it:
   flight, acks counted on one inbox), so a newer value or a delete marker already in KV is
   never overwritten by an older row. Concurrent ``hydrate_agent`` calls for one agent share one
   hydration (single-flight).
-* **reads** of a key KV has no message for (the bucket's max age dropped it) go through
-  :func:`msstore._readthrough.read_through`: SQL row → create-if-absent → re-read on a lost race.
+* **reads** of a key KV has no message for (the bucket's max age dropped it) go through the
+  engine's read-through (:func:`msstore._readthrough.read_through`): SQL row →
+  create-if-absent, marked hydrated → re-read KV on a lost race.
 * **flushing** reads the dirty keys from KV in one pipelined batch and writes them in one
   PostgreSQL transaction with :func:`msstore.merge.merge_changes`, under the bucket's epoch
   (:class:`msstore._nats.BucketEpoch`: read at start, read again when KV hands back a revision
@@ -63,22 +78,18 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
-from . import _nats, checkpoints
+from . import checkpoints
 from ._background import Worker
 from ._check import agent_uuid, positive_seconds
-from ._extras import needs_extra
-from ._pg import pg_errors
-from ._readthrough import KVRead, read_through
+from ._managed import Lifetime
 from .agent_io import COUNTERS, AgentIO, HydrationResult
 from .checkpoints import RestoreResult
-from .codec import dumps, loads, reencode
-from .errors import IllegalTransitionError, InvalidOptionError, NotFoundError, NotOpenError
-from .keys import check_key, encode_token, join_key
+from .engine import Encoded, StateEngine
+from .errors import IllegalTransitionError, InvalidOptionError
+from .keys import encode_token
 from .kv import DEFAULT_TTL_SECONDS, nats_errors
-from .merge import READ_VALUE_TEXT
 from .transitions import (
     TRANSITIONS,
     LifecycleState,
@@ -96,7 +107,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("msstore.lifecycle")
 
 S = LifecycleState
-_MISSING: Final = object()
 
 
 class StateLifecycleManager(AgentIO):
@@ -105,7 +115,7 @@ class StateLifecycleManager(AgentIO):
     ::
 
         async with StateLifecycleManager(ms, idle_timeout=600) as lm:
-            await lm.write(agent, "plan", {"step": 1})     # hydrates first if COLD/EXPIRED
+            await lm.write_state(agent, "plan", {"step": 1})  # hydrates first if COLD/EXPIRED
             await lm.flush_agent(agent)                     # one transaction
             cp = await lm.checkpoint(agent)
             await lm.restore(agent, cp)
@@ -128,21 +138,18 @@ class StateLifecycleManager(AgentIO):
             sweep_interval = positive_seconds("sweep_interval", sweep_interval)
         if not isinstance(flush_on_close, bool):
             raise InvalidOptionError(f"flush_on_close must be a bool, got {flush_on_close!r}")
-        super().__init__(ms, bucket=bucket, ttl=ttl, hydrate_chunk=hydrate_chunk,
-                         sql_timeout=sql_timeout, nats_timeout=nats_timeout, clock=clock)
+        engine = StateEngine(ms, bucket=bucket,
+                             sql_timeout=positive_seconds("sql_timeout", sql_timeout),
+                             after_load=self._after_sql_read)
+        super().__init__(engine, ttl=ttl, hydrate_chunk=hydrate_chunk,
+                         nats_timeout=nats_timeout, clock=clock)
         self.idle_timeout = idle
         self.sweep_interval = sweep_interval if sweep_interval is not None else min(idle / 4, 30.0)
         self.flush_on_close = flush_on_close
         self._sweeper: Worker | None = None
+        self._with_sweeper = True
 
     # ---------------------------------------------------------------- open / close
-
-    @classmethod
-    async def open(cls, ms: Connection, **options: Any) -> StateLifecycleManager:
-        """Create and start a manager (the non-``async with`` spelling)."""
-        lm = cls(ms, **options)
-        await lm.start()
-        return lm
 
     async def start(self, *, sweeper: bool = True) -> None:
         """Open the bucket (``ttl`` as max age), read its epoch, start the idle sweeper.
@@ -153,26 +160,25 @@ class StateLifecycleManager(AgentIO):
         starts at ``sweep_interval`` and doubles up to four times it. Nothing is dropped: an
         agent leaves KV only after its flush committed.
         """
-        if self._kv is not None or self._closed:
-            raise NotOpenError("a StateLifecycleManager can be started once; it is "
-                               f"{'closed' if self._closed else 'already started'}")
+        self._with_sweeper = sweeper
+        await super().start()
+
+    async def _start(self) -> None:
         await self._open_bucket()
-        if sweeper:
+        if self._with_sweeper:
             self._sweeper = Worker(f"lifecycle-sweeper-{self.bucket}", self._sweep,
                                    interval=self.sweep_interval,
                                    base_backoff=self.sweep_interval,
                                    max_backoff=4 * self.sweep_interval)
             self._sweeper.start()
 
-    async def close(self) -> None:
+    async def _close(self) -> None:
         """Stop the sweeper, then flush every ACTIVE agent (raises if a flush fails)."""
-        if self._closed:
-            return
         if self._sweeper is not None:
             await self._sweeper.stop()
             self._sweeper = None
         try:
-            if self.flush_on_close and self._kv is not None:
+            if self.flush_on_close:
                 dirty = [a for a, s in self._slots.items() if s.dirty]
                 results = await asyncio.gather(*(self.flush_agent(a) for a in dirty),
                                                return_exceptions=True)
@@ -180,15 +186,7 @@ class StateLifecycleManager(AgentIO):
                 if errors:
                     raise errors[0]
         finally:
-            self._closed = True
-
-    async def __aenter__(self) -> StateLifecycleManager:
-        await self.start()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.close()
+            self._state = Lifetime.CLOSED
 
     # ---------------------------------------------------------------- observing
 
@@ -209,8 +207,7 @@ class StateLifecycleManager(AgentIO):
 
     def transitions_frame(self, agent_id: uuid.UUID | str | None = None) -> pd.DataFrame:
         """The recorded transitions as a DataFrame (agent, from, to, at)."""
-        with needs_extra("transitions_frame()"):
-            import pandas as pd
+        import pandas as pd
 
         return pd.DataFrame(
             [{"agent_id": e.agent_id, "from": e.from_state.name, "to": e.to_state.name,
@@ -223,74 +220,21 @@ class StateLifecycleManager(AgentIO):
         return frozenset(slot.dirty) if slot else frozenset()
 
     # ---------------------------------------------------------------- reads and writes
+    # write_state / remove_state / read_state are msstore.engine.StateManager's (the same
+    # verbs as the hybrid manager's); what the lifecycle adds around the engine is here.
 
-    async def write(self, agent_id: uuid.UUID | str, key: str, value: Any) -> int:
-        """Put ``value`` into KV and mark ``key`` dirty; return the KV revision."""
-        agent = agent_uuid(agent_id)
-        kv_key = join_key(str(agent), check_key(key))
-        data = dumps(value)  # typed errors before any I/O
-        kv = self._bucket()
-        async with self._active(agent) as slot:
-            with nats_errors(f"write {key!r}"):
-                revision = await kv.put(kv_key, data)
-            await self._mark_dirty(slot, {key: revision})
-        self.counters["writes"] += 1
-        return revision
+    async def _apply(self, change: Encoded) -> int:
+        """Hydrate if needed and hold the agent's gate; mark the key dirty once KV has it."""
+        async with self._active(change.agent) as slot:
+            applied = await self.engine.apply(change)
+            await self._mark_dirty(slot, {applied.key: applied.revision})
+        return applied.revision
 
-    async def delete(self, agent_id: uuid.UUID | str, key: str) -> int:
-        """Put a KV delete marker for ``key`` and mark it dirty (flushed as a SQL delete)."""
-        agent = agent_uuid(agent_id)
-        kv_key = join_key(str(agent), check_key(key))
-        self._bucket()
-        async with self._active(agent) as slot:
-            with nats_errors(f"delete {kv_key!r}"):
-                revision = await _nats.publish_delete(self.ms.js, self.subject_prefix + kv_key)
-            await self._mark_dirty(slot, {key: revision})
-        self.counters["deletes"] += 1
-        return revision
-
-    async def read(self, agent_id: uuid.UUID | str, key: str, default: Any = _MISSING) -> Any:
-        """Read ``key`` from KV (hydrating the agent first if needed).
-
-        A key with no KV message at all (the bucket's max age dropped it) is read through
-        (:func:`msstore._readthrough.read_through`): the SQL row, created in KV if KV still has
-        nothing, else KV's newer value or delete marker. Raises :class:`NotFoundError` unless
-        ``default``.
-        """
-        agent = agent_uuid(agent_id)
-        kv_key = join_key(str(agent), check_key(key))
-        kv = self._bucket()
-        self.counters["reads"] += 1
-
-        async def read_kv() -> KVRead[bytes]:
-            with nats_errors(f"read {key!r}"):
-                return await _nats.kv_read(kv, kv_key)
-
-        async def load() -> bytes | None:
-            with pg_errors(f"read {key!r} of agent {agent}"):
-                text = await self.ms.pool.fetchval(READ_VALUE_TEXT, agent, key,
-                                                   timeout=self.sql_timeout)
-            if text is None:
-                return None
-            self.counters["read_fallbacks"] += 1
-            data = reencode(text)  # compact, as written; never PostgreSQL's text form
-            await self._after_sql_read(agent, key)
-            return data
-
-        async def create(data: bytes) -> bool:
-            with nats_errors(f"re-create {key!r}"):
-                created = await _nats.create_hydrated(self.ms.js, self.subject_prefix + kv_key,
-                                                      data)
-            self.counters["read_races"] += not created
-            return created
-
+    async def _read(self, agent_id: uuid.UUID | str, key: str, default: Any) -> Any:
+        """Hydrate if needed and hold the agent's gate while the engine reads through."""
+        agent, _kv_key = self.engine.key(agent_id, key)  # typed errors before hydrating
         async with self._active(agent):
-            got = await read_through(read_kv, load, create, bytes)
-        if got.found and got.value is not None:
-            return loads(got.value)
-        if default is not _MISSING:
-            return default
-        raise NotFoundError(f"agent {agent} has no key {key!r}")
+            return await self.engine.read_state(agent, key, default)
 
     async def _after_sql_read(self, agent: uuid.UUID, key: str) -> None:
         """Test seam: runs between the read-through's SQL read and its KV create."""

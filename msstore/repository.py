@@ -38,17 +38,16 @@ then a guarded ``DELETE … WHERE version < marker`` in the next batch.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import uuid
 from collections import deque
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar, runtime_checkable
 
 import nats.js.errors
 from nats.js.kv import KeyValue
 
 from . import _nats
-from ._check import agent_uuid, non_negative_int, not_open, positive_int, positive_seconds
+from ._check import agent_uuid, non_negative_int, positive_int, positive_seconds
+from ._managed import Lifetime, Managed
 from ._pg import pg_errors
 from ._readthrough import KVRead, read_through
 from ._registry import REGISTRY_MERGE_SQL, RegistryWriter
@@ -61,7 +60,6 @@ from .errors import (
     ConflictError,
     InvalidValueError,
     NotFoundError,
-    NotOpenError,
     PendingWritesError,
 )
 from .keys import join_key
@@ -105,13 +103,7 @@ COUNTERS: Final = (
 )
 
 
-class _State(enum.Enum):
-    NEW = "not started"
-    OPEN = "open"
-    CLOSED = "closed"
-
-
-class AgentRepository:
+class AgentRepository(Managed):
     """Agents in KV (bucket ``bucket``, key ``agent.<uuid>``) and in ``agents.registry``.
 
     ::
@@ -124,6 +116,9 @@ class AgentRepository:
 
     The connection stays yours: closing the repository drains it and stops its writer only.
     """
+
+    _usage = "`async with AgentRepository(ms) as repo` or `repo = await AgentRepository.open(ms)`"
+    _kv: KeyValue  # set by start(); every method that reads it calls _check_open() first
 
     def __init__(self, ms: Connection, *, bucket: str = "agents",
                  ttl: float = DEFAULT_TTL_SECONDS, batch_size: int = 1000,
@@ -147,8 +142,6 @@ class AgentRepository:
         self.sql_timeout = float(sql_timeout)
         self.max_pending = max_pending
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
-        self._state = _State.NEW
-        self._kv: KeyValue | None = None
         self._writer = RegistryWriter(ms, self.counters, batch_size=batch_size,
                                       max_retries=max_retries, base_backoff=self.base_backoff,
                                       max_backoff=self.max_backoff, sql_timeout=self.sql_timeout,
@@ -156,48 +149,21 @@ class AgentRepository:
 
     # ---------------------------------------------------------------- lifecycle
 
-    @classmethod
-    async def open(cls, ms: Connection, **options: Any) -> AgentRepository:
-        """Create and start a repository (the non-``async with`` spelling)."""
-        repo = cls(ms, **options)
-        await repo.start()
-        return repo
-
-    async def start(self) -> None:
+    async def _start(self) -> None:
         """Open the bucket (max age ``ttl``, direct get) and start the SQL writer."""
-        if self._state is not _State.NEW:
-            raise NotOpenError(f"cannot start an AgentRepository that is {self._state.value}")
         with nats_errors(f"open KV bucket {self.bucket!r}"):
             self._kv = await ensure_bucket(self.ms.js, self.bucket, ttl=self.ttl)
         self._writer.start()
-        self._state = _State.OPEN
 
-    async def close(self) -> None:
+    async def _close(self) -> None:
         """Drain, then stop the writer.
 
         If some writes cannot be committed, raises :class:`PendingWritesError` and stays
         open, so that nothing is dropped: fix PostgreSQL and call ``close()`` again.
         """
-        if self._state is not _State.OPEN:
-            return
         await self.drain()
-        self._state = _State.CLOSED
+        self._state = Lifetime.CLOSED
         await self._writer.stop()
-
-    async def __aenter__(self) -> AgentRepository:
-        await self.start()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.close()
-
-    def _check_open(self) -> KeyValue:
-        if self._state is not _State.OPEN or self._kv is None:
-            raise not_open("AgentRepository", self._state.value,
-                           "use `async with AgentRepository(ms) as repo` or "
-                           "`repo = await AgentRepository.open(ms)`")
-        return self._kv
 
     # ---------------------------------------------------------------- the API
 
@@ -211,7 +177,8 @@ class AgentRepository:
 
         The SQL upsert is queued, not awaited: see :attr:`pending` and :meth:`drain`.
         """
-        kv = self._check_open()
+        self._check_open()
+        kv = self._kv
         agent = check_agent(agent)
         self._check_backpressure()
         data = dumps(agent.to_dict())
@@ -228,7 +195,8 @@ class AgentRepository:
         ``expected_version`` defaults to ``agent.version`` (the version ``find``/``save``
         returned). A stale version raises :class:`~msstore.ConflictError`.
         """
-        kv = self._check_open()
+        self._check_open()
+        kv = self._kv
         agent = check_agent(agent)
         expected = agent.version if expected_version is None else expected_version
         if isinstance(expected, bool) or not isinstance(expected, int) or expected < 1:
@@ -254,7 +222,8 @@ class AgentRepository:
         If KV has no message at all (expired) and SQL holds exactly ``expected``, the update
         is re-tried as a create-only write, so one of several such updaters wins.
         """
-        kv = self._check_open()
+        self._check_open()
+        kv = self._kv
         current = await self._describe_current(agent_id, key)
         if current is None:
             sql_version = await self._sql_version(agent_id)
@@ -274,7 +243,8 @@ class AgentRepository:
 
     async def _describe_current(self, agent_id: uuid.UUID, key: str) -> str | None:
         """What KV holds for ``key`` now, in words; None when it holds no message at all."""
-        kv = self._check_open()
+        self._check_open()
+        kv = self._kv
         try:
             with nats_errors(f"read agent {agent_id}"):
                 entry = await kv.get(key)
@@ -291,7 +261,8 @@ class AgentRepository:
         Raises :class:`~msstore.NotFoundError` when the agent is in neither store, or KV holds
         a delete marker for it (a delete whose SQL half may still be pending).
         """
-        kv = self._check_open()
+        self._check_open()
+        kv = self._kv
         agent_id = agent_uuid(id)
         key = self.kv_key(agent_id)
         self.counters["finds"] += 1

@@ -45,6 +45,7 @@ from msstore import (
     VectorStore,
     services,
 )
+from msstore.codec import loads
 from msstore.errors import (
     InvalidAgentIdError,
     InvalidKeyError,
@@ -57,6 +58,7 @@ from msstore.errors import (
     RoutingError,
     StoreUnavailableError,
 )
+from msstore.keys import join_key
 from msstore.layers import SQLStore, TaskStore
 from tests.integration.conftest import kill9, private_nats_url
 
@@ -142,8 +144,8 @@ def good_calls(cls: str, c: Ctx) -> dict[str, list[Call]]:
     one: Callable[..., list[Call]] = lambda *args, **kw: [(args, kw)]  # noqa: E731
     table: dict[str, dict[str, list[Call]]] = {
         "StateLifecycleManager": {
-            "write": one(a, "k", 1), "delete": one(a, "k"), "read": one(a, "k"),
-            "dirty": one(a), "state": one(a), "transitions": one(a),
+            "write_state": one(a, "k", 1), "remove_state": one(a, "k"),
+            "read_state": one(a, "k"), "dirty": one(a), "state": one(a), "transitions": one(a),
             "transitions_frame": one(a), "on_transition": one(lambda *_: None),
             "hydrate_agent": one(a), "flush_agent": one(a), "checkpoint": one(a),
             "restore": one(a, uuid.uuid4()), "expire": one(a), "expire_idle": one(),
@@ -215,11 +217,13 @@ def bad_calls(cls: str, c: Ctx) -> dict[str, list[Bad]]:
     a, ms = c.agent, c.ms
     table: dict[str, dict[str, list[Bad]]] = {
         "StateLifecycleManager": {
-            "write": [(("agent:1", "k", 1), {}, InvalidAgentIdError),
-                      ((a, "", 1), {}, InvalidKeyError),
-                      ((a, "k", object()), {}, NotSerializableError)],
-            "delete": [((a, 7), {}, InvalidKeyError), ((None, "k"), {}, InvalidAgentIdError)],
-            "read": [(("x", "k"), {}, InvalidAgentIdError), ((a, None), {}, InvalidKeyError)],
+            "write_state": [(("agent:1", "k", 1), {}, InvalidAgentIdError),
+                            ((a, "", 1), {}, InvalidKeyError),
+                            ((a, "k", object()), {}, NotSerializableError)],
+            "remove_state": [((a, 7), {}, InvalidKeyError),
+                             ((None, "k"), {}, InvalidAgentIdError)],
+            "read_state": [(("x", "k"), {}, InvalidAgentIdError),
+                           ((a, None), {}, InvalidKeyError)],
             "dirty": [((3,), {}, InvalidAgentIdError)],
             "state": [(("nope",), {}, InvalidAgentIdError)],
             "transitions": [(("bad",), {}, InvalidAgentIdError)],
@@ -550,8 +554,15 @@ async def test_the_tables_cover_every_public_method(ms: msstore.Connection,
         assert not missing, f"{cls_name}: add bad arguments for {sorted(missing)}"
         assert ctors[cls_name], cls_name
     # the introspection sees what the classes really offer
-    assert {"write", "read", "checkpoint", "restore", "open"} <= set(
+    assert {"write_state", "read_state", "checkpoint", "restore", "open"} <= set(
         public_api(StateLifecycleManager))
+    # one set of key-level verbs across the managers
+    verbs = {"write_state", "read_state", "remove_state"}
+    assert verbs <= set(public_api(HybridStateManager))
+    assert not {"write", "read", "delete"} & set(public_api(StateLifecycleManager))
+    for verb in verbs:
+        assert (inspect.signature(getattr(StateLifecycleManager, verb)).parameters.keys()
+                == inspect.signature(getattr(HybridStateManager, verb)).parameters.keys())
     assert "pending" in public_api(AgentRepository)  # a property
 
 
@@ -636,8 +647,8 @@ NEEDS_PG = {("TaskStore", m) for m in ("store", "store_many", "retrieve", "remov
     {("MessageLogStore", m) for m in ("store", "append_many", "retrieve", "remove", "search")} | \
     {("VectorStore", m) for m in ("open", "store", "store_many", "retrieve", "remove",
                                   "search")} | \
-    {("StateLifecycleManager", m) for m in ("write", "read", "delete", "hydrate_agent",
-                                            "checkpoint", "restore")} | \
+    {("StateLifecycleManager", m) for m in ("write_state", "read_state", "remove_state",
+                                            "hydrate_agent", "checkpoint", "restore")} | \
     {("AgentRepository", "find"), ("Store", "open")}
 #: Store calls whose variant [1] is routed to PostgreSQL (TASK_INFO).
 NEEDS_PG_VARIANT = {f"Store.{m}[1]" for m in ("store", "retrieve", "remove", "search")}
@@ -677,14 +688,16 @@ async def test_postgres_down_is_typed(private_pg: Path, ms: msstore.Connection,
     check(outcomes, expect)
     # the lifecycle calls failed because PostgreSQL is down, not for another reason
     by_id = {o.id: o for o in outcomes}
-    assert "PostgreSQL is unavailable" in str(by_id["pg-down:StateLifecycleManager.write"].error)
+    write_error = by_id["pg-down:StateLifecycleManager.write_state"].error
+    assert "PostgreSQL is unavailable" in str(write_error)
 
 
 #: (class, method) pairs that must reach NATS, so raise StoreUnavailableError when it is down.
 NEEDS_NATS = {("KVStore", m) for m in ("open", "put", "store", "retrieve", "remove", "keys",
                                        "search")} | \
     {("AgentRepository", m) for m in ("save", "find", "update", "delete", "open")} | \
-    {("StateLifecycleManager", m) for m in ("write", "read", "delete", "open")} | \
+    {("StateLifecycleManager", m) for m in ("write_state", "read_state", "remove_state",
+                                            "open")} | \
     {("HybridStateManager", m) for m in ("write_state", "read_state", "remove_state", "open")} | \
     {("Store", "open")}
 NEEDS_NATS_VARIANT = {f"Store.{m}[0]" for m in ("store", "retrieve", "remove", "search")}
@@ -743,7 +756,7 @@ class RacingLifecycle(StateLifecycleManager):
 async def drop_from_kv(ms: msstore.Connection, lm: StateLifecycleManager, agent: uuid.UUID,
                        key: str) -> None:
     """Remove every KV message of ``key`` (as the bucket's max age would): SQL still has it."""
-    kv_key = msstore.join_key(str(agent), key)
+    kv_key = join_key(str(agent), key)
     await ms.js.purge_stream(lm.stream, subject=f"{lm.subject_prefix}{kv_key}")
 
 
@@ -752,25 +765,25 @@ async def test_lifecycle_read_through_rereads_kv_after_losing_the_race(
         ms: msstore.Connection, unique: Callable[[str], str], racer: str) -> None:
     agent = uuid.uuid4()
     async with RacingLifecycle(ms, bucket=unique("race"), **FAST_LM) as lm:
-        await lm.write(agent, "k", "old")
+        await lm.write_state(agent, "k", "old")
         await lm.flush_agent(agent)
         await drop_from_kv(ms, lm, agent, "k")
         if racer == "write":
-            lm.action = lambda m, a, k: m.write(a, k, "new")
+            lm.action = lambda m, a, k: m.write_state(a, k, "new")
         else:
-            lm.action = lambda m, a, k: m.delete(a, k)
-        got = await lm.read(agent, "k", "gone")
+            lm.action = lambda m, a, k: m.remove_state(a, k)
+        got = await lm.read_state(agent, "k", "gone")
         assert lm.action is None  # the race happened
-        assert lm.counters["read_races"] == 1
+        assert lm.counters["hydration_conflicts"] == 1
         kv = await ms.js.key_value(lm.bucket)
-        kv_key = msstore.join_key(str(agent), "k")
+        kv_key = join_key(str(agent), "k")
         if racer == "write":
             assert got == "new"  # not the stale SQL row "old"
-            assert msstore.loads((await kv.get(kv_key)).value) == "new"
+            assert loads((await kv.get(kv_key)).value) == "new"
         else:
             assert got == "gone"  # the delete wins over the SQL row
             with pytest.raises(NotFoundError):
-                await lm.read(agent, "k")
+                await lm.read_state(agent, "k")
         await lm.flush_agent(agent)
         row = await ms.pool.fetchval(
             "SELECT value FROM agents.state WHERE agent_id = $1 AND key = 'k'", agent)
@@ -781,14 +794,14 @@ async def test_lifecycle_read_through_without_a_race_recreates_the_key(
         ms: msstore.Connection, unique: Callable[[str], str]) -> None:
     agent = uuid.uuid4()
     async with RacingLifecycle(ms, bucket=unique("race"), **FAST_LM) as lm:
-        await lm.write(agent, "k", {"v": 1})
+        await lm.write_state(agent, "k", {"v": 1})
         await lm.flush_agent(agent)
         await drop_from_kv(ms, lm, agent, "k")
-        assert await lm.read(agent, "k") == {"v": 1}
-        assert (lm.counters["read_races"], lm.counters["read_fallbacks"]) == (0, 1)
+        assert await lm.read_state(agent, "k") == {"v": 1}
+        assert (lm.counters["hydration_conflicts"], lm.counters["hydrations"]) == (0, 1)
         kv = await ms.js.key_value(lm.bucket)
-        entry = await kv.get(msstore.join_key(str(agent), "k"))
-        assert msstore.loads(entry.value) == {"v": 1}
+        entry = await kv.get(join_key(str(agent), "k"))
+        assert loads(entry.value) == {"v": 1}
 
 
 # --------------------------------------------------------------------------- the policy, live

@@ -70,9 +70,8 @@ from msstore import (
     ValueTooLargeError,
     _durable,
     _nats,
-    dumps,
 )
-from msstore.codec import MAX_VALUE_BYTES
+from msstore.codec import MAX_VALUE_BYTES, dumps
 from msstore.hybrid import HybridStateManager
 from msstore.keys import MAX_ENCODED_KEY, join_key
 from tests.integration.test_value_roundtrip import jsonb_order

@@ -13,7 +13,7 @@ import pytest
 
 import msstore
 from msstore import _nats
-from msstore.codec import init_connection
+from msstore.codec import dumps, init_connection, loads
 from msstore.hybrid import (
     HybridStateManager,
     StateChange,
@@ -22,6 +22,7 @@ from msstore.hybrid import (
     merge_lock_id,
     merge_serialised,
 )
+from msstore.keys import join_key
 
 
 def caches_hydrations(ms: msstore.Connection) -> bool:
@@ -97,7 +98,7 @@ async def test_lazy_hydration_after_the_kv_entry_is_gone(ms: msstore.Connection,
     async with HybridStateManager(ms, bucket=bucket, **QUIET) as hsm:
         await hsm.write_state(agent, "memo", {"text": "hello"})
         await hsm.flush()
-        kv_key = msstore.join_key(str(agent), "memo")
+        kv_key = join_key(str(agent), "memo")
         # what TTL expiry does: the message disappears from the stream, leaving no marker
         await ms.js.purge_stream(hsm.stream, subject=f"{hsm.subject_prefix}{kv_key}")
         kv = await ms.js.key_value(bucket)
@@ -105,7 +106,7 @@ async def test_lazy_hydration_after_the_kv_entry_is_gone(ms: msstore.Connection,
             await kv.get(kv_key)
         assert await hsm.read_state(agent, "memo") == {"text": "hello"}
         if caches_hydrations(ms):
-            assert msstore.loads((await kv.get(kv_key)).value) == {"text": "hello"}  # back
+            assert loads((await kv.get(kv_key)).value) == {"text": "hello"}  # back
             assert await hsm.read_state(agent, "memo") == {"text": "hello"}
             c = hsm.counters
             assert (c["hydrations"], c["kv_hits"]) == (1, 1)
@@ -133,12 +134,12 @@ async def test_hydration_never_overwrites_a_newer_write(ms: msstore.Connection,
     async with RacingManager(ms, bucket=bucket, **QUIET) as hsm:
         await hsm.write_state(agent, "k", "old")
         await hsm.flush()
-        kv_key = msstore.join_key(str(agent), "k")
+        kv_key = join_key(str(agent), "k")
         await ms.js.purge_stream(hsm.stream, subject=f"{hsm.subject_prefix}{kv_key}")
         hsm.newer = "new"
         assert await hsm.read_state(agent, "k") == "new"  # not the "old" row it had loaded
         kv = await ms.js.key_value(bucket)
-        assert msstore.loads((await kv.get(kv_key)).value) == "new"
+        assert loads((await kv.get(kv_key)).value) == "new"
         assert hsm.counters["hydration_conflicts"] == 1
         await hsm.flush()
         value, version = (await rows_of(ms, agent))["k"]
@@ -176,7 +177,7 @@ async def test_shuffled_out_of_order_flushes_end_at_the_kv_revision(
         for round_ in range(5):
             revs = await write_many(hsm, agent, [f"k{i}" for i in range(60)],
                                     lambda k, r=round_: {"k": k, "round": r})  # type: ignore[misc]
-            changes += [StateChange(agent, k, rev, msstore.dumps({"k": k, "round": round_}))
+            changes += [StateChange(agent, k, rev, dumps({"k": k, "round": round_}))
                         for k, rev in revs.items()]
         rng.shuffle(changes)
         for i in range(0, len(changes), 37):  # batches in random order, each coalesced
@@ -185,14 +186,14 @@ async def test_shuffled_out_of_order_flushes_end_at_the_kv_revision(
         rows = await rows_of(ms, agent)
         assert len(rows) == 60
         for key, (value, version) in rows.items():
-            entry = await kv.get(msstore.join_key(str(agent), key))
+            entry = await kv.get(join_key(str(agent), key))
             assert version == entry.revision, key
-            assert value == msstore.loads(entry.value) == {"k": key, "round": 4}
+            assert value == loads(entry.value) == {"k": key, "round": 4}
 
 
 async def test_the_same_batch_flushed_twice_changes_nothing(ms: msstore.Connection) -> None:
     agent = uuid.uuid4()
-    batch = [StateChange(agent, f"k{i}", 1000 + i, msstore.dumps({"i": i})) for i in range(50)]
+    batch = [StateChange(agent, f"k{i}", 1000 + i, dumps({"i": i})) for i in range(50)]
     batch.append(StateChange(agent, "gone", 2000, None))
     await ms.pool.execute(
         "INSERT INTO agents.state (agent_id, key, value, version) VALUES ($1, 'gone', '1', 1)",
@@ -316,7 +317,7 @@ async def test_values_postgres_refuses_are_set_aside_and_the_rest_flushes(
         for i in range(2):
             await hsm.write_state(agent, f"bad{i}", "placeholder")
         # a foreign writer replaces them in KV with what JSONB cannot hold: not JSON, a NUL
-        kv = hsm._check_open()
+        kv = hsm.engine.kv
         await kv.put(f"{agent}.bad0", b"not json")
         await kv.put(f"{agent}.bad1", b'{"t": "a\\u0000b"}')
         if flusher == "dirty-set":  # its buffer holds msstore's own (valid) values: poison it

@@ -20,7 +20,7 @@ from msstore import (
     StoreUnavailableError,
     ValueTooLargeError,
 )
-from msstore.keys import is_valid_nats_key
+from msstore.keys import encode_key, is_valid_nats_key
 from msstore.layers import (
     HashingEmbedder,
     InvalidValueError,
@@ -59,7 +59,7 @@ async def test_kv_round_trip_with_seed_keys(ms: msstore.Connection, unique: Uniq
     assert await kv.retrieve(agent) == value
     assert await kv.retrieve("ünïcode key/with.dots") == [1, 2.5, "x"]
     assert await kv.keys() == sorted([agent, "ünïcode key/with.dots"])
-    assert is_valid_nats_key(msstore.encode_key(agent))
+    assert is_valid_nats_key(encode_key(agent))
 
 
 async def test_kv_bucket_has_direct_get_and_its_ttl(ms: msstore.Connection,

@@ -18,9 +18,10 @@ import pytest
 
 import msstore
 from msstore import _nats, services
-from msstore.codec import dumps
+from msstore.codec import dumps, loads
 from msstore.errors import NotFoundError, StoreUnavailableError
 from msstore.hybrid import StateChange, merge_changes
+from msstore.keys import join_key
 from msstore.kv import ensure_bucket
 from msstore.lifecycle import IllegalTransitionError, LifecycleState, StateLifecycleManager
 from tests.fakes import FakeClock
@@ -69,11 +70,11 @@ async def kv_state(lm: StateLifecycleManager, agent: uuid.UUID, keys: list[str]
     out: dict[str, tuple[Any, int] | None] = {}
     for key in keys:
         try:
-            entry = await kv.get(msstore.join_key(str(agent), key))
+            entry = await kv.get(join_key(str(agent), key))
         except nats.js.errors.KeyNotFoundError:
             out[key] = None
         else:
-            out[key] = (msstore.loads(entry.value or b"null"), entry.revision or 0)
+            out[key] = (loads(entry.value or b"null"), entry.revision or 0)
     return out
 
 
@@ -90,15 +91,15 @@ async def test_an_agent_goes_through_every_state(lm: StateLifecycleManager,
     seen: list[tuple[uuid.UUID, LifecycleState, LifecycleState]] = []
     lm.on_transition(lambda a, f, t, _at: seen.append((a, f, t)))
     assert lm.state(agent) is S.COLD
-    await lm.write(agent, "plan", {"step": 1})             # COLD → HYDRATING → ACTIVE
+    await lm.write_state(agent, "plan", {"step": 1})             # COLD → HYDRATING → ACTIVE
     assert lm.state(agent) is S.ACTIVE and lm.dirty(agent) == {"plan"}
     await lm.flush_agent(agent)                             # → FLUSHING → ACTIVE
     assert lm.dirty(agent) == frozenset()
-    await lm.write(agent, "goal", "ship it")
+    await lm.write_state(agent, "goal", "ship it")
     clock.advance(61)
     assert await lm.expire_idle() == [agent]                # → FLUSHING → ACTIVE → EXPIRED
     assert lm.state(agent) is S.EXPIRED
-    assert await lm.read(agent, "goal") == "ship it"       # EXPIRED → HYDRATING → ACTIVE
+    assert await lm.read_state(agent, "goal") == "ship it"       # EXPIRED → HYDRATING → ACTIVE
     assert pairs(lm, agent) == [
         (S.COLD, S.HYDRATING), (S.HYDRATING, S.ACTIVE),
         (S.ACTIVE, S.FLUSHING), (S.FLUSHING, S.ACTIVE),
@@ -136,11 +137,11 @@ async def test_hydration_never_overwrites_a_newer_kv_value(
     agent = uuid.uuid4()
     await seed_sql(ms, agent, {"plan": "old", "goal": "from sql"})
     kv = await ms.js.key_value(lm.bucket)
-    await kv.put(msstore.join_key(str(agent), "plan"), dumps("newer"))
+    await kv.put(join_key(str(agent), "plan"), dumps("newer"))
     result = await lm.hydrate_agent(agent)
     assert (result.created, result.skipped) == (1, 1)
-    assert await lm.read(agent, "plan") == "newer"
-    assert await lm.read(agent, "goal") == "from sql"
+    assert await lm.read_state(agent, "plan") == "newer"
+    assert await lm.read_state(agent, "goal") == "from sql"
 
 
 @pytest.mark.parametrize("chunk", [1, 64])
@@ -173,9 +174,9 @@ async def test_hydration_counts_are_exact_and_newer_values_and_delete_markers_wi
     async with StateLifecycleManager(ms, bucket=unique("exact"), hydrate_chunk=8) as lm:
         kv = await ms.js.key_value(lm.bucket)
         for key in newer:
-            await kv.put(msstore.join_key(str(agent), key), dumps({"kv": key}))
+            await kv.put(join_key(str(agent), key), dumps({"kv": key}))
         for key in deleted:
-            await kv.delete(msstore.join_key(str(agent), key))
+            await kv.delete(join_key(str(agent), key))
         result = await lm.hydrate_agent(agent)
         assert (result.rows, result.created, result.skipped) == (100, 65, 35)
         assert (lm.counters["keys_hydrated"], lm.counters["keys_skipped"]) == (65, 35)
@@ -189,7 +190,7 @@ async def test_hydration_counts_are_exact_and_newer_values_and_delete_markers_wi
             else:
                 assert got[key] is not None and got[key][0] == value
         with pytest.raises(NotFoundError):
-            await lm.read(agent, deleted[0])
+            await lm.read_state(agent, deleted[0])
         assert lm.dirty(agent) == frozenset()
         msg = await ms.js.get_last_msg(lm.stream, lm.subject_prefix
                                        + msstore.join_key(str(agent), "k002"))
@@ -207,7 +208,7 @@ async def test_a_value_written_while_hydrating_is_never_overwritten(
         kv = await ms.js.key_value(lm.bucket)
         result, *_ = await asyncio.gather(
             lm.hydrate_agent(agent),
-            *(kv.put(msstore.join_key(str(agent), k), dumps("newer")) for k in raced))
+            *(kv.put(join_key(str(agent), k), dumps("newer")) for k in raced))
         # each raced key: either its create landed first (then the put replaced it) or the
         # put did (then the create was skipped); the counts add up either way
         assert result.created + result.skipped == result.rows == 300
@@ -241,14 +242,14 @@ async def test_a_failed_flush_rolls_back_keeps_the_dirty_keys_and_the_retry_succ
     agent, other = uuid.uuid4(), uuid.uuid4()
     async with StateLifecycleManager(private_ms, bucket=unique("fail"),
                                      flush_on_close=False) as lm:
-        await lm.write(agent, "a", 1)
-        await lm.write(agent, "b", 2)
+        await lm.write_state(agent, "a", 1)
+        await lm.write_state(agent, "b", 2)
         await lm.flush_agent(agent)
         before = await sql_state(private_ms.pool, agent)
         assert {k: v for k, (v, _) in before.items()} == {"a": 1, "b": 2}
-        await lm.write(agent, "a", 10)
-        await lm.write(agent, "c", 3)
-        await lm.delete(agent, "b")
+        await lm.write_state(agent, "a", 10)
+        await lm.write_state(agent, "c", 3)
+        await lm.remove_state(agent, "b")
         assert lm.dirty(agent) == {"a", "b", "c"}
 
         await asyncio.to_thread(services.down, private_pg, which=("postgres",))
@@ -293,9 +294,9 @@ async def test_checkpoint_then_restore_gives_back_the_checkpointed_state_exactly
     agent = uuid.uuid4()
     original = {"a": {"n": 1}, "b": [2, "two"], "c": "three"}
     for k, v in original.items():
-        await lm.write(agent, k, v)
-    await lm.delete(agent, "c")
-    await lm.write(agent, "c", original["c"])
+        await lm.write_state(agent, k, v)
+    await lm.remove_state(agent, "c")
+    await lm.write_state(agent, "c", original["c"])
     await lm.flush_agent(agent)
     checkpoint = await lm.checkpoint(agent)
     kv_before = await kv_state(lm, agent, list(original))
@@ -305,9 +306,9 @@ async def test_checkpoint_then_restore_gives_back_the_checkpointed_state_exactly
     assert row["state_snapshot"] == original
     assert row["kv_revision"] == max(v[1] for v in kv_before.values() if v)
 
-    await lm.write(agent, "a", {"n": 100})                 # changed
-    await lm.delete(agent, "b")                             # removed
-    await lm.write(agent, "d", "added")                     # added
+    await lm.write_state(agent, "a", {"n": 100})                 # changed
+    await lm.remove_state(agent, "b")                             # removed
+    await lm.write_state(agent, "d", "added")                     # added
     await lm.flush_agent(agent)
     await ms.pool.execute(                                  # a row KV never held
         "INSERT INTO agents.state (agent_id, key, value, version) VALUES ($1, 'stray', '1', 1)",
@@ -323,7 +324,7 @@ async def test_checkpoint_then_restore_gives_back_the_checkpointed_state_exactly
     assert {k: ver for k, (_, ver) in sql.items()} == {k: v[1] for k, v in kv.items() if v}
     assert lm.dirty(agent) == frozenset()
     with pytest.raises(NotFoundError):
-        await lm.read(agent, "d")
+        await lm.read_state(agent, "d")
     with pytest.raises(NotFoundError, match="checkpoint"):
         await lm.restore(agent, uuid.uuid4())
 
@@ -336,9 +337,9 @@ async def test_expiry_purges_kv_and_the_next_read_hydrates_the_same_values(
     idle, busy = uuid.uuid4(), uuid.uuid4()
     values = {f"k{i}": {"i": i} for i in range(20)}
     for k, v in values.items():
-        await lm.write(idle, k, v)                          # dirty: expiry must flush them
+        await lm.write_state(idle, k, v)                          # dirty: expiry must flush them
     clock.advance(30)
-    await lm.write(busy, "x", 1)
+    await lm.write_state(busy, "x", 1)
     clock.advance(31)                                       # idle: 61 s, busy: 31 s
     assert await lm.expire_idle() == [idle]
     assert (lm.state(idle), lm.state(busy)) == (S.EXPIRED, S.ACTIVE)
@@ -348,7 +349,7 @@ async def test_expiry_purges_kv_and_the_next_read_hydrates_the_same_values(
     assert {k: v for k, (v, _) in (await sql_state(ms.pool, idle)).items()} == values
 
     loads_before = lm.counters["sql_loads"]
-    assert await lm.read(idle, "k7") == {"i": 7}
+    assert await lm.read_state(idle, "k7") == {"i": 7}
     assert lm.counters["sql_loads"] == loads_before + 1
     assert pairs(lm, idle)[-3:] == [(S.ACTIVE, S.EXPIRED), (S.EXPIRED, S.HYDRATING),
                                     (S.HYDRATING, S.ACTIVE)]
@@ -363,12 +364,12 @@ async def test_the_background_sweeper_expires_idle_agents(
     async with StateLifecycleManager(ms, bucket=unique("sweep"), ttl=600, idle_timeout=60,
                                      sweep_interval=0.05, clock=clock) as lm:
         lm.on_transition(lambda a, _f, to, _t: expired.set() if to is S.EXPIRED else None)
-        await lm.write(agent, "k", "v")
+        await lm.write_state(agent, "k", "v")
         clock.advance(61)
         await asyncio.wait_for(expired.wait(), timeout=30)  # a bound, not a measurement
         assert lm.state(agent) is S.EXPIRED
         assert lm.counters["sweeps"] >= 1
-        assert await lm.read(agent, "k") == "v"
+        assert await lm.read_state(agent, "k") == "v"
 
 
 # --------------------------------------------------------------------------- epochs
@@ -400,14 +401,14 @@ async def test_flushed_and_restored_rows_carry_the_buckets_epoch(
         lm: StateLifecycleManager, ms: msstore.Connection) -> None:
     agent = uuid.uuid4()
     epoch = await bucket_epoch(lm)
-    await lm.write(agent, "a", 1)
-    await lm.write(agent, "gone", 2)
+    await lm.write_state(agent, "a", 1)
+    await lm.write_state(agent, "gone", 2)
     await lm.flush_agent(agent)
-    await lm.delete(agent, "gone")
+    await lm.remove_state(agent, "gone")
     await lm.flush_agent(agent)
     assert await sql_epochs(ms, agent) == {"a": epoch, "tombstone:gone": epoch}
     checkpoint = await lm.checkpoint(agent)
-    await lm.write(agent, "b", 3)
+    await lm.write_state(agent, "b", 3)
     await lm.flush_agent(agent)
     await lm.restore(agent, checkpoint)
     assert (await sql_epochs(ms, agent))["a"] == epoch
@@ -418,14 +419,14 @@ async def test_a_bucket_recreated_under_a_running_manager_still_lands_its_writes
         lm: StateLifecycleManager, ms: msstore.Connection) -> None:
     agent = uuid.uuid4()
     for i in range(5):
-        await lm.write(agent, "k", i)
-    await lm.write(agent, "other", "x")
+        await lm.write_state(agent, "k", i)
+    await lm.write_state(agent, "other", "x")
     await lm.flush_agent(agent)
     assert await sql_state(ms.pool, agent) == {"k": (4, 5), "other": ("x", 6)}
 
     epoch = await recreate_bucket(lm)
-    assert await lm.write(agent, "k", "new") == 1      # versions restart at 1
-    assert await lm.delete(agent, "other") == 2
+    assert await lm.write_state(agent, "k", "new") == 1      # versions restart at 1
+    assert await lm.remove_state(agent, "other") == 2
     await lm.flush_agent(agent)
     assert await sql_state(ms.pool, agent) == {"k": ("new", 1)}
     assert await sql_epochs(ms, agent) == {"k": epoch, "tombstone:other": epoch}
@@ -438,10 +439,10 @@ async def test_a_flush_that_reads_back_an_older_revision_reads_the_epoch_again(
     """Dirty keys of the old incarnation, rewritten by another process after the recreation."""
     agent = uuid.uuid4()
     for i in range(3):
-        await lm.write(agent, "k", i)
+        await lm.write_state(agent, "k", i)
     epoch = await recreate_bucket(lm)
     kv = await ms.js.key_value(lm.bucket)
-    await kv.put(msstore.join_key(str(agent), "k"), dumps("theirs"))  # revision 1
+    await kv.put(join_key(str(agent), "k"), dumps("theirs"))  # revision 1
     await lm.flush_agent(agent)
     assert await sql_state(ms.pool, agent) == {"k": ("theirs", 1)}
     assert await sql_epochs(ms, agent) == {"k": epoch}

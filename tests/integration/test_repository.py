@@ -16,6 +16,7 @@ import pytest
 
 import msstore
 from msstore import services
+from msstore.codec import loads
 from msstore.repository import Agent, AgentRepository, PendingWritesError
 
 
@@ -37,7 +38,7 @@ async def kv_entry(ms: msstore.Connection, repo: AgentRepository, agent_id: uuid
                    ) -> tuple[int, object]:
     kv = await ms.js.key_value(repo.bucket)
     entry = await kv.get(repo.kv_key(agent_id))
-    return entry.revision or 0, msstore.loads(entry.value or b"null")
+    return entry.revision or 0, loads(entry.value or b"null")
 
 
 async def lose_kv_entry(ms: msstore.Connection, repo: AgentRepository,

@@ -19,8 +19,8 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 
 import msstore
-from msstore import MsstoreError, dumps, loads
-from msstore.codec import reencode
+from msstore import MsstoreError
+from msstore.codec import dumps, loads, reencode
 from tests.unit.test_value_mapping import values
 
 Query = Callable[[str, Any], Any]

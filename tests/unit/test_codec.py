@@ -19,10 +19,16 @@ from msstore import (
     MsstoreError,
     NotSerializableError,
     ValueTooLargeError,
+)
+from msstore.codec import (
+    MAX_DEPTH,
+    MAX_VALUE_BYTES,
+    _jsonb_decode,
+    _jsonb_encode,
     dumps,
     loads,
+    storable,
 )
-from msstore.codec import MAX_DEPTH, MAX_VALUE_BYTES, _jsonb_decode, _jsonb_encode, storable
 
 
 def test_round_trip_of_json_values() -> None:

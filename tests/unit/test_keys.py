@@ -8,8 +8,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from msstore import InvalidKeyError, decode_key, encode_key, encode_token, join_key, split_key
-from msstore.keys import MAX_ENCODED_KEY, check_key, is_valid_nats_key
+from msstore import InvalidKeyError
+from msstore.keys import (
+    MAX_ENCODED_KEY,
+    check_key,
+    decode_key,
+    encode_key,
+    encode_token,
+    is_valid_nats_key,
+    join_key,
+    split_key,
+)
 
 NATS_KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
 

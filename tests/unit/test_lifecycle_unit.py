@@ -150,9 +150,9 @@ async def test_use_before_start_and_after_close_raises_not_open() -> None:
     lm = StateLifecycleManager(None)  # type: ignore[arg-type]
     agent = uuid.uuid4()
     with pytest.raises(NotOpenError, match="not started"):
-        await lm.write(agent, "k", 1)
+        await lm.write_state(agent, "k", 1)
     with pytest.raises(NotOpenError, match="not started"):
-        await lm.read(agent, "k")
+        await lm.read_state(agent, "k")
     await lm.close()  # closing a manager never started releases nothing
     with pytest.raises(NotOpenError, match="closed"):
         await lm.flush_agent(agent)

@@ -11,6 +11,7 @@ import pytest
 
 import msstore
 from msstore._registry import RegistryWriter
+from msstore.codec import dumps, loads
 from msstore.errors import InvalidOptionError, NotOpenError
 from msstore.repository import (
     COUNTERS,
@@ -93,7 +94,7 @@ def test_agent_is_frozen_and_replace_revalidates() -> None:
 
 def test_agent_dict_round_trip_is_exact() -> None:
     a = Agent(AID, "planner", "busy", {"when": dt.date(2024, 1, 2), "n": [1.5, None]})
-    d = msstore.loads(msstore.dumps(a.to_dict()))
+    d = loads(dumps(a.to_dict()))
     assert d == {"id": str(AID), "type": "planner", "status": "busy",
                  "metadata": {"when": "2024-01-02", "n": [1.5, None]}}
     assert Agent.from_dict(d, version=9) == a.replace(version=9)

@@ -29,10 +29,8 @@ from msstore import (
     MsstoreError,
     NotSerializableError,
     ValueTooLargeError,
-    dumps,
-    loads,
 )
-from msstore.codec import MAX_VALUE_BYTES, reencode
+from msstore.codec import MAX_VALUE_BYTES, dumps, loads, reencode
 
 MAX_DEPTH = 254  # orjson's limit, as documented
 
