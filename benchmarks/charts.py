@@ -1,4 +1,10 @@
-"""One matplotlib figure per comparison (Agg-safe: no pyplot state is needed to save them)."""
+"""One matplotlib figure per comparison (Agg-safe: no pyplot state is needed to save them).
+
+Rules every chart keeps: its title says what it shows (with the run's own figures); bars only
+on a linear axis that starts at zero; values spanning decades are dots on a log axis (a log
+bar's length means nothing); ratios are anchored at 1×, so a 0.3× bar points the other way
+from a 3× bar.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +16,35 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 
+def _ratio(frame: pd.DataFrame, candidate: str, baseline: str) -> float:
+    """Median of the per-repetition ratios: the figure the benchmark's table reports."""
+    return float((frame[candidate] / frame[baseline]).median())
+
+
+def _label(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def _bars(ax: Any, labels: list[str], values: list[float], unit: str, *, log: bool = False,
           colors: list[str] | None = None) -> None:
-    bars = ax.bar(labels, values, color=colors or "tab:blue")
+    """Bars from zero on a linear axis, or (``log=True``) dots on a log axis: no log bars."""
+    colors = colors or ["tab:blue"] * len(values)
     if log:
         ax.set_yscale("log")
+        ax.scatter(labels, values, c=colors, s=60, zorder=3)
+        ax.grid(axis="y", which="major", alpha=0.3)
+        finite = [v for v in values if not math.isnan(v) and v > 0]
+        if finite:
+            ax.set_ylim(min(finite) / 3, max(finite) * 3)
+        points = list(zip(range(len(values)), values, strict=True))
+    else:
+        bars = ax.bar(labels, values, color=colors)
+        ax.set_ylim(0, max([v for v in values if not math.isnan(v)] or [1]) * 1.2)
+        points = [(bar.get_x() + bar.get_width() / 2, bar.get_height()) for bar in bars]
     ax.set_ylabel(unit)
-    for bar, v in zip(bars, values, strict=True):
+    for (x, y), v in zip(points, values, strict=True):
         if not math.isnan(v):
-            text = f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
-            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ax.annotate(_label(v), (x, y), textcoords="offset points", xytext=(0, 5),
                         ha="center", va="bottom", fontsize=8)
     ax.tick_params(axis="x", labelrotation=15, labelsize=8)
 
@@ -31,7 +56,10 @@ def flush(frame: pd.DataFrame) -> Figure:
     labels = [f"{n}\n({int(frame[f'{n}_statements'].max()):,} stmts)" for n in names]
     _bars(ax, labels, [frame[f"{n}_s"].median() for n in names], "seconds (median)", log=True,
           colors=["tab:red", "tab:blue", "tab:cyan", "tab:gray"])
-    ax.set_title(f"#1 flush of {frame.attrs.get('keys', 0):,} dirty keys", fontsize=10)
+    ax.set_title(f"#1 flush of {frame.attrs.get('keys', 0):,} dirty keys: dirty-set "
+                 f"{_ratio(frame, 'dirty-set_s', 'floor_s'):.2f}×, stream "
+                 f"{_ratio(frame, 'stream_s', 'floor_s'):.2f}× the floor, seed "
+                 f"{_ratio(frame, 'seed_s', 'floor_s'):.0f}×", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -60,7 +88,9 @@ def l1(frame: pd.DataFrame) -> Figure:
     _bars(ax, list(names.values()), [frame[f"{k}_ns"].median() for k in names],
           "ns per awaited hit (CPU)", log=True,
           colors=["tab:blue", "tab:gray", "tab:orange", "tab:green", "tab:red"])
-    ax.set_title("#3 L1 hit vs in-process caches", fontsize=10)
+    ax.set_title(f"#3 L1 hit vs in-process caches: msstore "
+                 f"{_ratio(frame, 'msstore_ns', 'dict_ns'):.2f}× an awaited dict",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -72,7 +102,9 @@ def hydrate(frame: pd.DataFrame) -> Figure:
           [frame["seed_s"].median(), frame["msstore_s"].median(),
            frame["proposed_s"].median()], "seconds (median)",
           colors=["tab:red", "tab:blue", "tab:gray"])
-    ax.set_title(f"#4 hydrate a {frame.attrs.get('keys', 0):,}-key agent", fontsize=10)
+    ax.set_title(f"#4 hydrate a {frame.attrs.get('keys', 0):,}-key agent: hydrate_agent "
+                 f"{1 / _ratio(frame, 'msstore_s', 'seed_s'):.1f}× faster than the "
+                 "seed loop", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -85,7 +117,9 @@ def write_behind(frame: pd.DataFrame) -> Figure:
     colors = ["tab:red" if v == "write-through" else "tab:blue" for v in g.index]
     _bars(a1, labels, list(g["rows_per_10k"]), "SQL rows per 10,000 writes", log=True,
           colors=colors)
-    a1.set_title("#5 PostgreSQL rows written", fontsize=10)
+    a1.set_title(f"#5 PostgreSQL rows written: write-through "
+                 f"{g['rows_per_10k'].max() / g['rows_per_10k'].min():.0f}× the fewest",
+                 fontsize=10)
     _bars(a2, labels, list(g["p50"]), "write p50 (µs)", colors=colors)
     a2.set_title("#5 write latency", fontsize=10)
     fig.tight_layout()
@@ -106,17 +140,35 @@ def read_path(frame: pd.DataFrame) -> Figure:
 
 
 def summary(table: pd.DataFrame) -> Figure:
-    """Speed-up (baseline / candidate, log scale) of every comparison; targets as ticks."""
-    fig = Figure(figsize=(12, 0.32 * len(table) + 1.2))
+    """Every comparison as a bar from 1× (log axis): right = the candidate is better.
+
+    Colour says only the direction (better or worse than its baseline); a goal, where the
+    comparison has one, is written next to its bar, so a large win that falls short of an
+    ambitious goal still reads as a win.
+    """
+    fig = Figure(figsize=(12, 0.34 * len(table) + 1.4))
     ax = fig.add_subplot()
     labels = [f"#{r.id} {r.metric}: {r.candidate} vs {r.baseline}" for r in table.itertuples()]
-    colors = ["tab:green" if r.target_met is True else "tab:red" if r.target_met is False
-              else "tab:gray" for r in table.itertuples()]
-    ax.barh(labels, table["speedup"], color=colors)
+    speedups = [float(v) for v in table["speedup"]]
+    colors = ["tab:blue" if v >= 1 else "tab:orange" for v in speedups]
+    ax.barh(labels, [v - 1 for v in speedups], left=1, color=colors)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
+    lo, hi = min([*speedups, 1.0]), max([*speedups, 1.0])
+    ax.set_xlim(lo / 2, hi * 8)
+    for y, (r, v) in enumerate(zip(table.itertuples(), speedups, strict=True)):
+        goal = r.target if isinstance(r.target, str) else ""
+        note = f"{v:.2f}×" if v >= 1 else f"1/{1 / v:.2f}"
+        if goal:
+            reached = {True: "reached", False: "not reached"}.get(r.target_met, "")
+            note += f"   goal {goal}: {reached}"
+        ax.annotate(note, (max(v, 1.0), y), textcoords="offset points", xytext=(4, 0),
+                    va="center", fontsize=6.5)
     ax.invert_yaxis()
-    ax.set_xlabel("baseline / candidate (> 1: candidate better); green: target met, red: missed")
+    better = sum(v > 1 for v in speedups)
+    ax.set_title(f"{len(speedups)} comparisons: the candidate is better in {better} (blue), "
+                 f"worse in {len(speedups) - better} (orange)", fontsize=10)
+    ax.set_xlabel("baseline / candidate (log scale; bars start at 1×)")
     ax.tick_params(axis="y", labelsize=6.5)
     fig.tight_layout()
     return fig

@@ -148,14 +148,14 @@ def table(summary: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for r in summary.itertuples():
         target = r.target if isinstance(r.target, str) else ""  # NaN when read from CSV
-        met = {True: "met", False: "MISSED", "True": "met", "False": "MISSED"}.get(
-            r.target_met, "") if target else ""
+        met = {True: "reached", False: "not reached", "True": "reached",
+               "False": "not reached"}.get(r.target_met, "") if target else ""
         rows.append({
             "#": r.id, "candidate": r.candidate, "baseline": r.baseline, "metric": r.metric,
             "candidate value": _fmt(r.candidate_value, r.unit),
             "baseline value": _fmt(r.baseline_value, r.unit),
             "ratio": _ratio(r.ratio, r.unit),
-            "target": f"{target} ({met})" if target else "",
+            "goal": f"{target} ({met})" if target else "",
         })
     return pd.DataFrame(rows)
 
