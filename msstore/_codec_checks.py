@@ -29,7 +29,7 @@ MAX_DEPTH = 254
 #: Floats at least this large (in magnitude) are written as exact integers plus ``.0``.
 _BIG = 1e16
 
-# datetime/date/time go through _default (isoformat): orjson 3.13 writes a time's
+# datetime/date/time go through _default (isoformat): orjson 3.11–3.13 write a time's
 # microseconds 10000..99999 without their leading zero (00:00:00.010000 -> "00:00:00.10000").
 _FAST = orjson.OPT_PASSTHROUGH_DATETIME
 _SLOW = _FAST | orjson.OPT_NON_STR_KEYS  # non-str dict keys become str
@@ -72,21 +72,18 @@ def _too_deep() -> InvalidValueError:
 
 
 def check_depth(value: Any, data: bytes) -> None:
-    """Refuse ``value`` if its encoding ``data`` nests deeper than orjson can encode again.
+    """Refuse ``value`` if its encoding ``data`` nests deeper than :data:`MAX_DEPTH`.
 
-    orjson counts a tuple as a level but checks its limit only at dicts and lists, so tuples
-    at the bottom of a value take it past :data:`MAX_DEPTH` unnoticed (255 nested tuples, or
-    254 lists around one tuple). KV and PostgreSQL would store the arrays they become, and
-    every later encode of them would fail: a hydration from PostgreSQL could never put the
-    value back into KV. So what is accepted must encode again once read back.
+    orjson's own limit differs between versions (3.11 encodes 255 levels, 3.12+ let tuples
+    past it unnoticed), and whatever is accepted must encode again once read back: KV and
+    PostgreSQL store the arrays, and a hydration re-encodes them. One limit, checked on the
+    output, keeps every version and every path (``dumps``, ``reencode``) the same.
     """
     if _nesting_exceeds(data, MAX_DEPTH):
         raise InvalidValueError(
-            f"value nests containers more than {MAX_DEPTH} levels deep once its tuples are "
-            f"JSON arrays (orjson does not count tuples towards its limit of {MAX_DEPTH}, but "
-            "the arrays read back from PostgreSQL or KV do count, so the value could not be "
-            "encoded again, e.g. by a hydration); flatten it (e.g. store parts under separate "
-            "keys)")
+            f"value nests containers more than {MAX_DEPTH} levels deep (tuples count: they "
+            "are JSON arrays once stored), more than msstore can encode again once read back "
+            "from PostgreSQL or KV; flatten it (e.g. store parts under separate keys)")
 
 
 _BRACKETS_ONLY: Final = bytes.maketrans(b"{}", b"[]")

@@ -63,9 +63,8 @@ What is refused, before any I/O (every error is an :class:`~msstore.errors.Mssto
   lists, tuples and dataclasses (orjson's limit, which it checks only at dicts and lists:
   tuples below the limit would slip through and the arrays they become could not be encoded
   again, so outputs long enough to nest that deep are checked), or a value that contains
-  itself. Do not nest *tuples* about 2,000 deep: orjson 3.13 writes a run of more than
-  ~2,030 opening brackets without reserving room for them and corrupts the heap (the process
-  aborts); msstore could only prevent that by walking every value before encoding it.
+  itself. (msstore requires orjson < 3.12: 3.12.0 and 3.13.0 stop counting tuples as levels
+  and corrupt the heap on a value nesting them about 1,200 deep; the process aborts.)
 * :class:`~msstore.errors.NotSerializableError` (also a ``TypeError``): integers outside
   64 bits (store them as ``str``); ``bytes``/``bytearray``/``memoryview`` (decode or
   base64 them); ``set``/``frozenset`` (store a sorted list); ``Decimal`` (store ``str(d)``);
@@ -174,6 +173,8 @@ def reencode(text: str | bytes, *, max_bytes: int = MAX_VALUE_BYTES) -> bytes:
         return dumps(value, max_bytes=max_bytes)
     if data.find(b"+") != -1 or len(data) > max_bytes or data.find(b"\\u0000") != -1:
         return dumps(value, max_bytes=max_bytes)
+    if len(data) > _DEEP_BYTES:
+        check_depth(value, data)  # the same depth limit as dumps, whatever orjson allows
     return data
 
 

@@ -28,5 +28,6 @@ def test_the_readme_snippet_is_a_complete_script(tmp_path: Path, database_url: s
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
-    assert re.fullmatch(r"revision \d+: \{'step': 3\}\n\{'status': 'pending'\}\n", out.stdout), \
+    assert re.fullmatch(r"revision \d+: \{'step': 3\}\nlifecycle: 1 row\(s\) in PostgreSQL\n"
+                        r"\{'status': 'pending'\}\n", out.stdout), \
         out.stdout

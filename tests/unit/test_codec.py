@@ -7,7 +7,9 @@ import dataclasses
 import datetime as dt
 import enum
 import math
+import subprocess
 import sys
+import textwrap
 import uuid
 from decimal import Decimal
 
@@ -177,7 +179,7 @@ def test_tuples_count_as_levels(lists: int, tuples: int) -> None:
     for _ in range(tuples):
         value = (value,)
     value = _nested(lists, value)
-    with pytest.raises(InvalidValueError, match=f"more than {MAX_DEPTH} levels deep"):
+    with pytest.raises(InvalidValueError, match=f"(more|deeper) than (the )?{MAX_DEPTH} levels"):
         dumps(value)
 
 
@@ -245,3 +247,34 @@ def test_a_fragment_passes_through() -> None:
     assert dumps(orjson.Fragment(b'{"a":1}')) == b'{"a":1}'
 
 
+
+
+def test_deeply_nested_tuples_are_refused_and_the_process_survives() -> None:
+    """orjson 3.12/3.13 corrupted the heap here (the process aborted); msstore pins < 3.12.
+
+    Run in a child process, so that a regression shows as this test failing, not as pytest
+    dying: every value must be refused with InvalidValueError, and the child must then
+    allocate and exit normally.
+    """
+    script = textwrap.dedent("""
+        from msstore.codec import dumps
+        from msstore.errors import InvalidValueError
+        refused = 0
+        for depth in (300, 1_200, 1_312, 2_100, 5_000):
+            for shape in ("tuple", "mixed"):
+                for leaf in ({}, 1, "x" * 5_000, (None, None)):
+                    v = leaf
+                    for i in range(depth):
+                        k = shape if shape == "tuple" else ("list", "tuple", "dict")[i % 3]
+                        v = [v] if k == "list" else (v,) if k == "tuple" else {"k": v}
+                    try:
+                        dumps(v)
+                    except InvalidValueError:
+                        refused += 1
+                    junk = [bytes(64) for _ in range(2_000)]
+        print(refused)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["40"]

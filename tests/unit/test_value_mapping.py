@@ -245,8 +245,6 @@ def test_every_value_is_stored_exactly_or_refused(v: Any) -> None:
 @example(MAX_DEPTH + 1, "mixed", (1,))
 def test_deep_nesting_is_stored_exactly_or_refused(depth: int, kind: str, leaf: Any) -> None:
     value: Any = leaf
-    if kind != "list" and kind != "dict":
-        depth = min(depth, 1_500)  # orjson 3.13 corrupts the heap from ~2,036 nested tuples
     for i in range(depth):
         k = kind if kind != "mixed" else ("list", "tuple", "dict")[i % 3]
         value = [value] if k == "list" else (value,) if k == "tuple" else {"k": value}
@@ -291,7 +289,7 @@ def test_reencode_of_pg_texts(text: str) -> None:
 def test_reencode_refuses_like_dumps() -> None:
     with pytest.raises(ValueTooLargeError):
         reencode('"' + "x" * 20 + '"', max_bytes=10)
-    with pytest.raises(InvalidValueError, match="deeper"):  # a foreign 255-level array
+    with pytest.raises(InvalidValueError, match="254 levels"):  # a foreign 255-level array
         reencode("[" * 255 + "]" * 255)
 
 
