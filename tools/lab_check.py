@@ -228,6 +228,14 @@ JS_OPEN = """async (path) => {
                                        {path, factory: 'Notebook', kernel: {name: 'python3'}});
   await w.context.ready;
   await w.sessionContext.ready;
+  // A restart sent while the new kernel is still starting can leave it "starting" for good.
+  const t0 = Date.now();
+  while (w.sessionContext.kernelDisplayStatus !== 'idle') {
+    if (Date.now() - t0 > 120000)
+      throw new Error('kernel not idle 120 s after opening: '
+                      + w.sessionContext.kernelDisplayStatus);
+    await new Promise((r) => setTimeout(r, 200));
+  }
   window.__lab = {w, statuses: []};
   w.sessionContext.statusChanged.connect((_, s) => window.__lab.statuses.push(s));
   app.shell.activateById(w.id);
@@ -288,15 +296,26 @@ def strip_ansi(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
 
 
-def finished(state: dict[str, Any]) -> bool:
+def quiet(state: dict[str, Any]) -> bool:
+    """The kernel restarted, is idle, and no cell is running or queued."""
     code = [c for c in state["cells"] if c["type"] == "code"]
     if state["status"] != "idle" or any(c["state"] == "running" for c in code):
         return False
-    if "restarting" not in state["statuses"] and "starting" not in state["statuses"]:
-        return False  # the restart has not happened yet
+    return "restarting" in state["statuses"] or "starting" in state["statuses"]
+
+
+def finished(state: dict[str, Any]) -> bool:
+    code = [c for c in state["cells"] if c["type"] == "code"]
     ran_all = all(c["count"] is not None for c in code)
     failed = any(o.get("output_type") == "error" for c in code for o in c["outputs"])
     return ran_all or failed  # JupyterLab stops "run all" at the first error
+
+
+def settled(state: dict[str, Any], stable: int) -> bool:
+    """Done: every cell ran or one failed (idle 1.5 s), or idle with nothing queued for 5 s."""
+    if stable >= 10:  # e.g. the kernel died and was restarted: the remaining cells never run
+        return True
+    return stable >= 3 and finished(state)
 
 
 def run_notebook(page: Any, name: str, timeout: float, shots: Path) -> tuple[bool, str]:
@@ -307,17 +326,25 @@ def run_notebook(page: Any, name: str, timeout: float, shots: Path) -> tuple[boo
         "() => { window.__lab.statuses.length = 0;"
         " window.jupyterapp.commands.execute('notebook:restart-run-all'); }"
     )
-    accept = page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-accept")
+    accept = page.locator('.jp-Dialog:has-text("Restart") .jp-Dialog-button.jp-mod-accept')
     accept.wait_for(timeout=30_000)
     accept.click()
     deadline = time.monotonic() + timeout
-    stable = 0
+    stable, alive, stuck, died = 0, time.monotonic(), "", None
     while True:
         state = page.evaluate(JS_STATE)
-        stable = stable + 1 if finished(state) else 0
-        if stable >= 3:  # kernel idle for three polls in a row: not the gap between two cells
+        stable = stable + 1 if quiet(state) else 0
+        if settled(state, stable):  # idle several polls in a row: not the gap between two cells
             break
-        if state["status"] == "dead" and "dead" in state["statuses"]:
+        if died is None and {"autorestarting", "dead"} & set(state["statuses"]):
+            died = time.monotonic()  # "The kernel appears to have died. It will restart ..."
+        if died is not None and time.monotonic() - died > 5:
+            stuck = "the kernel died (JupyterLab restarted it)"
+            break
+        if state["status"] in ("idle", "busy"):
+            alive = time.monotonic()
+        elif time.monotonic() - alive > 120:  # dead, or starting/restarting/unknown for 2 min
+            stuck = f"kernel {state['status']} for 120 s"
             break
         if time.monotonic() > deadline:
             break
@@ -329,10 +356,19 @@ def run_notebook(page: Any, name: str, timeout: float, shots: Path) -> tuple[boo
     page.evaluate(JS_SCROLL, "end")
     page.wait_for_timeout(800)
     page.screenshot(path=str(shots / f"{stem}-end.png"))
+    for _ in range(5):  # e.g. "Kernel Restarting": it would block the next notebook
+        if not page.locator(".jp-Dialog").count():
+            break
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
     found = problems(state)
     code = [c for c in state["cells"] if c["type"] == "code"]
     not_run = [c["i"] for c in code if c["count"] is None]
-    if not found and not_run:
+    if stuck:
+        found.append(
+            stuck + (f"; {len(not_run)} of {len(code)} code cells not run" if not_run else "")
+        )
+    elif not found and not_run:
         if time.monotonic() > deadline:
             found.append(
                 f"timed out after {timeout:.0f} s; kernel {state['status']}, "
