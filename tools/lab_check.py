@@ -256,7 +256,7 @@ JS_STATE = """() => {
 
 JS_SCROLL = """async (where) => {
   const nb = window.__lab.w.content;
-  const i = where === 'end' ? nb.widgets.length - 1 : 0;
+  const i = where === 'end' ? nb.widgets.length - 1 : where === 'top' ? 0 : where;
   nb.activeCellIndex = i;
   await nb.scrollToItem(i, 'center');
 }"""
@@ -288,6 +288,14 @@ def problems(state: dict[str, Any]) -> list[str]:
                 text = "".join(text) if isinstance(text, list) else str(text)
                 found.append(f"{where}: stderr:\n{text.rstrip()}")
     return found
+
+
+def first_bad_cell(state: dict[str, Any]) -> int | None:
+    for cell in state["cells"]:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error" or out.get("name") == "stderr":
+                return int(cell["i"])
+    return None
 
 
 def strip_ansi(text: str) -> str:
@@ -356,6 +364,11 @@ def run_notebook(page: Any, name: str, timeout: float, shots: Path) -> tuple[boo
     page.evaluate(JS_SCROLL, "end")
     page.wait_for_timeout(800)
     page.screenshot(path=str(shots / f"{stem}-end.png"))
+    bad = first_bad_cell(state)
+    if bad is not None:  # the first cell with an error or stderr, as the learner sees it
+        page.evaluate(JS_SCROLL, bad)
+        page.wait_for_timeout(800)
+        page.screenshot(path=str(shots / f"{stem}-cell{bad}.png"))
     for _ in range(5):  # e.g. "Kernel Restarting": it would block the next notebook
         if not page.locator(".jp-Dialog").count():
             break
