@@ -326,7 +326,7 @@ def settled(state: dict[str, Any], stable: int) -> bool:
     return stable >= 3 and finished(state)
 
 
-def run_notebook(page: Any, name: str, timeout: float, shots: Path) -> tuple[bool, str]:
+def run_notebook(page: Any, name: str, timeout: float, shots: Path) -> tuple[bool, str, str]:
     page.evaluate(JS_OPEN, name)
     # A fresh run: no output, no count from the saved file may pass for one from this run.
     page.evaluate("() => window.jupyterapp.commands.execute('notebook:clear-all-cell-outputs')")
@@ -396,7 +396,11 @@ def run_notebook(page: Any, name: str, timeout: float, shots: Path) -> tuple[boo
     elif found and not_run:
         found.append(f"{len(not_run)} of {len(code)} code cells not run after it")
     page.evaluate(JS_CLOSE)
-    return not found, "\n".join(found)
+    images = sum(
+        any(k.startswith("image/") for k in o.get("data", {})) for c in code for o in c["outputs"]
+    )
+    ran = f"{len(code) - len(not_run)}/{len(code)} code cells ran, {images} images"
+    return not found, ran, "\n".join(found)
 
 
 def main() -> int:
@@ -456,15 +460,15 @@ def main() -> int:
             for name in names:
                 start = time.monotonic()
                 try:
-                    ok, detail = run_notebook(page, name, args.timeout, shots)
+                    ok, ran, detail = run_notebook(page, name, args.timeout, shots)
                 except Exception as exc:  # the page, not the notebook, went wrong
-                    ok, detail = False, f"lab-check could not drive the page: {exc}"
+                    ok, ran, detail = False, "", f"lab-check could not drive the page: {exc}"
                     try:
                         page.screenshot(path=str(shots / f"{Path(name).stem}-failure.png"))
                     except Exception:
                         pass
                 took = time.monotonic() - start
-                log(f"{'ok  ' if ok else 'FAIL'}  {name:<34} {took:6.1f}s")
+                log(f"{'ok  ' if ok else 'FAIL'}  {name:<34} {took:6.1f}s  {ran}")
                 if detail:
                     log(textwrap.indent(detail.rstrip(), "      "))
                 results.append((name, ok))
