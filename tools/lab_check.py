@@ -7,7 +7,8 @@
    download is not used: ``LAB_CHECK_CHROMIUM`` or the first ``chromium`` on ``PATH`` is);
 2. copies the repository's tracked files (``git ls-files``) into a temporary folder, so no
    notebook in the repository is ever modified, and starts JupyterLab there as ``make lab``
-   does (``msstore up``, the exports of ``msstore env``, ``jupyter lab`` in ``notebooks/``),
+   does (``msstore up``, the exports of ``msstore env``, ``msstore._lab.lab_command`` — or
+   ``jupyter lab`` in ``notebooks/`` where msstore has no ``msstore lab``),
    with ``MSSTORE_HOME`` pointing at the repository's server state, ``--allow-root`` when root,
    a free port, a random token and an isolated Jupyter config/data/runtime folder;
 3. opens each notebook, runs "Restart Kernel and Run All Cells" (``notebook:restart-run-all``,
@@ -155,20 +156,21 @@ def start_lab(
         "JUPYTER_RUNTIME_DIR": str(jupyter_home / "runtime"),
         "PYTHONUNBUFFERED": "1",
     }
-    cmd = [
-        str(BIN / "jupyter"),
-        "lab",
-        "--no-browser",
-        "--ip=127.0.0.1",
-        f"--port={port}",
-        "--ServerApp.port_retries=0",
+    try:  # exactly what `make lab` (`msstore lab notebooks`) runs, where msstore has it
+        from msstore._lab import lab_command
+
+        cmd = lab_command(copy / "notebooks", port)
+    except ImportError:  # older msstore: the README's `jupyter lab` in notebooks/
+        cmd = [str(BIN / "jupyter"), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}"]
+        cmd += ["--ServerApp.port_retries=0"] + (["--allow-root"] if os.geteuid() == 0 else [])
+    cmd += [
         f"--IdentityProvider.token={token}",
-        "--LabApp.expose_app_in_browser=True",
+        "--LabApp.expose_app_in_browser=True",  # window.jupyterapp, to drive it
         "--LabApp.news_url=None",
         "--LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate",
     ]
-    if os.geteuid() == 0:
-        cmd.append("--allow-root")
+    if os.geteuid() == 0 and "--allow-root" not in cmd:
+        sys.exit(f"lab-check: as root, JupyterLab needs --allow-root: {' '.join(cmd)}")
     out = logfile.open("wb")
     proc = subprocess.Popen(
         cmd,
@@ -202,6 +204,7 @@ def start_lab(
     with urllib.request.urlopen(f"{base}/api/kernelspecs?token={token}", timeout=5) as r:
         specs = json.load(r)
     spec = specs["kernelspecs"].get(specs["default"], {}).get("spec", {})
+    log(f"lab-check: {' '.join(cmd[:-4])} ...")
     log(
         f"lab-check: JupyterLab at {base}/lab, kernel {specs['default']}: "
         f"{' '.join(spec.get('argv', [])[:1])}"
