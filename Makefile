@@ -72,3 +72,10 @@ status: $(STAMP)
 clean:
 	-$(BIN)/msstore down --purge
 	rm -rf $(VENV) .msstore .pytest_cache .ruff_cache .mypy_cache
+
+# Every notebook through "Restart Kernel and Run All Cells" in a real JupyterLab, in headless
+# Chromium, on a copy of the tracked files (installs chromium with apt-get when root, and
+# playwright into .venv, if missing). Screenshots in build/lab-check/.
+.PHONY: lab-check
+lab-check: $(STAMP)
+	$(BIN)/python tools/lab_check.py $(NOTEBOOKS)
