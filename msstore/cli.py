@@ -127,6 +127,10 @@ def _cmd_workbook(args: argparse.Namespace) -> int:
         return 1
     failed = 0
     sockets = tempfile.TemporaryDirectory(prefix="msstore-kernels-")
+    # a kernel process' own stderr (ipykernel's shutdown noise, a crash) goes to a log file:
+    # cell output, stderr included, still reaches the notebook through the kernel protocol
+    logs = services.state_home() / "workbook-kernels"
+    logs.mkdir(parents=True, exist_ok=True)
     for path in notebooks:
         nb = nbformat.read(path, as_version=4)  # type: ignore[no-untyped-call]
         start = time.perf_counter()
@@ -134,15 +138,19 @@ def _cmd_workbook(args: argparse.Namespace) -> int:
         # encryption" once per notebook, which buried the one line per notebook
         km = KernelManager(kernel_name="python3", transport="ipc",
                            ip=str(Path(sockets.name) / path.stem))
+        kernel_log = logs / f"{path.stem}.log"
         try:
-            NotebookClient(nb, timeout=args.timeout, km=km,
-                           resources={"metadata": {"path": str(path.parent)}}).execute()
+            with kernel_log.open("w") as log:
+                NotebookClient(nb, timeout=args.timeout, km=km,
+                               resources={"metadata": {"path": str(path.parent)}}
+                               ).execute(stderr=log)
             verdict = "ok"
             if args.save:
                 nbformat.write(nb, path)  # type: ignore[no-untyped-call]
         except CellExecutionError as e:
             failed += 1
-            verdict = "FAILED: " + str(e).strip().splitlines()[-1][:200]
+            verdict = ("FAILED: " + str(e).strip().splitlines()[-1][:200]
+                       + f" (kernel log: {kernel_log})")
         finally:
             if km.has_kernel:  # a km passed in is ours to shut down, not nbclient's
                 km.shutdown_kernel()
