@@ -7,11 +7,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export MSSTORE_SCALE ?= ci
 
-.PHONY: help setup workbook test lint unit integration notebooks external lab bench up down status clean
+.PHONY: help setup workbook test lint unit integration notebooks external browser lab bench up down status clean
 
 help:
 	@echo "make workbook   set everything up and run every notebook headless (reports each)"
-	@echo "make test       lint, unit + integration tests, nbval over notebooks/ (both lanes)"
+	@echo "make test       lint, unit + integration tests (both lanes), nbval, notebooks in a browser"
+	@echo "make lab-check  every notebook through Restart and Run All in JupyterLab, headless Chromium"
 	@echo "make lab        open JupyterLab on the same services"
 	@echo "make bench      side-by-side benchmarks (MSSTORE_SCALE=full for the README's figures)"
 	@echo "make up|down|status   manage the embedded PostgreSQL and nats-server"
@@ -54,7 +55,16 @@ external: $(STAMP)
 	else echo "external lane: no PostgreSQL/NATS answering at $(EXTERNAL_DB) $(EXTERNAL_NATS); skipped"; fi
 
 test: $(STAMP)
-	$(MAKE) lint unit integration notebooks external
+	$(MAKE) lint unit integration notebooks external browser
+
+# The third check: every notebook through "Restart Kernel and Run All Cells" in JupyterLab in
+# headless Chromium (make lab-check). Skipped, with a message, where there is no Chromium and
+# no root to install Debian's.
+browser: $(STAMP)
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	    { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; }; then \
+	  $(MAKE) lab-check; \
+	else echo "browser check: no Chromium, and not root to install one; skipped (see make lab-check)"; fi
 
 lab: $(STAMP)
 	$(BIN)/msstore lab notebooks

@@ -14,18 +14,16 @@ state folder still deletes its data.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import os
 import pwd
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ._procs import HOST, pid_alive, port_for, wait_gone
+from ._procs import HOST, file_lock, pid_alive, port_for, wait_gone
 from .errors import ServiceError
 
 DATABASE_URL_ENV = "MSSTORE_DATABASE_URL"
@@ -118,17 +116,6 @@ def pg_pid(home: Path) -> int | None:
         return None
 
 
-@contextlib.contextmanager
-def _system_lock() -> Iterator[None]:
-    SYSTEM_STATE.mkdir(mode=0o755, parents=True, exist_ok=True)
-    with open(SYSTEM_STATE / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _belongs(folder: Path) -> bool:
     """Does the state folder named in ``folder/home`` still point at ``folder``?"""
     try:
@@ -158,7 +145,7 @@ def _place(home: Path, user: str | None) -> Path:
             or _reachable(home, user):
         return root
     entry = pwd.getpwnam(user)
-    with _system_lock():
+    with file_lock(SYSTEM_STATE / ".lock", folder_mode=0o755):
         for other in SYSTEM_STATE.iterdir():
             if other.is_dir() and not _belongs(other):
                 _discard(other, user)  # its state folder is gone, or no longer uses it

@@ -1,12 +1,14 @@
-"""Ports and processes of the embedded servers: free ports, liveness, waiting for an exit."""
+"""Ports and processes of the embedded servers: free ports, liveness, waiting for an exit, locks."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -77,3 +79,16 @@ def wait_gone(pid: int, what: str, timeout: float = 30.0) -> None:
 
 
 __all__ = ["HOST", "cmdline", "free_port", "pid_alive", "port_for", "port_open", "wait_gone"]
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, folder_mode: int = 0o777) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created, with its folder) so that concurrent
+    ``up``/``down`` calls, from any process, never race."""
+    path.parent.mkdir(mode=folder_mode, parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

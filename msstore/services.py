@@ -18,15 +18,12 @@ call reuses what runs), ``msstore down`` stops exactly the processes recorded in
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +39,7 @@ from ._pg_server import (
     start_postgres,
     stop_postgres,
 )
-from ._procs import HOST, pid_alive, port_open, wait_gone
+from ._procs import HOST, file_lock, pid_alive, port_open, wait_gone
 
 HOME_ENV = "MSSTORE_HOME"
 # kept under their old names for the tests' fault helpers
@@ -96,18 +93,6 @@ def state_home() -> Path:
     return Path.home() / ".msstore"
 
 
-@contextlib.contextmanager
-def _locked(home: Path) -> Iterator[None]:
-    """An exclusive file lock so concurrent ``up``/``down`` calls never race."""
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / "services.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _read_state(home: Path) -> dict[str, dict[str, object]]:
     try:
         return dict(json.loads((home / "services.json").read_text()))
@@ -135,7 +120,7 @@ def _alive(name: str, rec: dict[str, object] | None, home: Path) -> bool:
 def up(home: Path | None = None, *, which: tuple[str, ...] = ("postgres", "nats")) -> Endpoints:
     """Start the embedded servers that are not running yet; reuse the ones that are."""
     home = home or state_home()
-    with _locked(home):
+    with file_lock(home / "services.lock"):
         state = _read_state(home)
         for name in which:
             previous = state.get(name)
@@ -158,7 +143,7 @@ def down(home: Path | None = None, *,
     stopped: list[str] = []
     if not home.exists():
         return stopped
-    with _locked(home):
+    with file_lock(home / "services.lock"):
         state = _read_state(home)
         for name in which:
             rec = state.get(name)
