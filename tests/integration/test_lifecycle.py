@@ -193,7 +193,7 @@ async def test_hydration_counts_are_exact_and_newer_values_and_delete_markers_wi
             await lm.read_state(agent, deleted[0])
         assert lm.dirty(agent) == frozenset()
         msg = await ms.js.get_last_msg(lm.stream, lm.subject_prefix
-                                       + msstore.join_key(str(agent), "k002"))
+                                       + msstore.keys.join_key(str(agent), "k002"))
         assert msg.data == dumps({"sql": 2})  # the codec's bytes, not PostgreSQL's text
         assert msg.headers is not None and msg.headers.get(_nats.HYDRATED) == "1"
 
