@@ -31,7 +31,7 @@ import asyncpg
 import nats.js.errors
 from nats.js.kv import KeyValue
 
-from . import _nats
+from . import _durable, _nats
 from ._check import agent_uuid, positive_int, positive_seconds
 from ._pg import pg_errors
 from .codec import reencode
@@ -199,9 +199,13 @@ class AgentIO(StateManager):
                 rows = await self._sql(f"load agent {agent}", self.ms.pool.fetch(
                     LOAD_AGENT_TEXT, agent, timeout=self.sql_timeout))
                 with nats_errors("hydrate KV"):
-                    done = await _nats.create_pipelined(
-                        self.ms.nc, self.subject_prefix, _kv_items(agent, rows),
-                        window=self.hydrate_chunk, ack_timeout=self.nats_timeout)
+                    if await self._creates_stall_a_log():
+                        self.counters["hydrations_uncached"] += len(rows)
+                        done = _nats.Created(0, 0, 0)
+                    else:
+                        done = await _nats.create_pipelined(
+                            self.ms.nc, self.subject_prefix, _kv_items(agent, rows),
+                            window=self.hydrate_chunk, ack_timeout=self.nats_timeout)
             except BaseException:
                 self.counters["hydration_failures"] += 1
                 self.tracker.transition(agent, S.COLD)
@@ -214,6 +218,26 @@ class AgentIO(StateManager):
         self.counters["keys_hydrated"] += done.created
         self.counters["keys_skipped"] += done.skipped
         return HydrationResult(agent, len(rows), done.created, done.skipped, sql_load=True)
+
+    async def _creates_stall_a_log(self) -> bool:
+        """True on NATS < 2.10.14 when a durability log (a ``HybridStateManager``'s stream
+        flusher) copies this bucket: the log's source would refuse a compare-and-set create
+        and stop copying (see :func:`msstore._nats.sources_drop_expectations`). The agent's
+        keys are then served by read-through from PostgreSQL, not cached (``engine.logged``).
+        """
+        if self.engine.logged:
+            return True
+        if _nats.sources_drop_expectations(self.ms.nc):
+            return False
+        try:
+            await self.ms.js.stream_info(_durable.log_name(self.bucket, self._epochs().epoch))
+        except nats.js.errors.NotFoundError:
+            return False
+        log.warning("bucket %s feeds a durability log and NATS %s is older than 2.10.14: "
+                    "hydrated keys are served from PostgreSQL, not cached in KV", self.bucket,
+                    self.ms.nc.connected_server_version)
+        self.engine.logged = True
+        return True
 
     # ---------------------------------------------------------------- flushing
 

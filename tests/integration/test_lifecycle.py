@@ -447,3 +447,41 @@ async def test_a_flush_that_reads_back_an_older_revision_reads_the_epoch_again(
     assert await sql_state(ms.pool, agent) == {"k": ("theirs", 1)}
     assert await sql_epochs(ms, agent) == {"k": epoch}
     assert lm.dirty(agent) == frozenset()
+
+
+# --------------------------------------------------------------------------- sharing a bucket
+
+
+async def test_a_lifecycle_hydration_in_a_bucket_the_stream_flusher_logs_never_stalls_the_log(
+        ms: msstore.Connection, unique: Callable[[str], str], clock: FakeClock) -> None:
+    """Both managers on one bucket (their default), one agent each. The hybrid's durability
+    log copies the lifecycle's writes too. The lifecycle expires its agent (KV purged) while
+    the log still holds the agent's keys, and hydrates it again. Before nats-server 2.10.14 the
+    hydration's compare-and-set header was checked again by the log's source, and refused
+    there: the log stopped copying, and the hybrid's later writes never reached PostgreSQL.
+    On such servers the lifecycle now serves the agent's keys from PostgreSQL without caching.
+    """
+    bucket = unique("shared")
+    mine, theirs = uuid.uuid4(), uuid.uuid4()
+    async with msstore.HybridStateManager(ms, bucket=bucket, durable=unique("d"),
+                                          flush_interval=3600) as hsm, \
+            StateLifecycleManager(ms, bucket=bucket, idle_timeout=60, sweep_interval=3600,
+                                  clock=clock) as lm:
+        for k, v in (("a", 1), ("b", 2)):
+            await lm.write_state(mine, k, v)
+        clock.advance(61)
+        assert await lm.expire_idle() == [mine]                 # flushed, then purged from KV
+        before = dict(lm.counters)
+        assert await lm.read_state(mine, "a") == 1               # hydrates the agent again
+        delta = {c: lm.counters[c] - before[c]
+                 for c in ("agent_hydrations", "keys_hydrated", "hydrations_uncached")}
+        if _nats.sources_drop_expectations(ms.nc):
+            assert delta == {"agent_hydrations": 1, "keys_hydrated": 2, "hydrations_uncached": 0}
+        else:  # served from PostgreSQL, not cached in KV: a create would stall the log
+            assert delta == {"agent_hydrations": 1, "keys_hydrated": 0, "hydrations_uncached": 3}
+        revisions = [await hsm.write_state(theirs, f"k{i}", i) for i in range(3)]
+        async with asyncio.timeout(30):
+            await hsm.flush()
+        assert await lm.read_state(mine, "b") == 2
+    assert await sql_state(ms.pool, theirs) == {f"k{i}": (i, r) for i, r in enumerate(revisions)}
+    assert {k: v for k, (v, _) in (await sql_state(ms.pool, mine)).items()} == {"a": 1, "b": 2}
