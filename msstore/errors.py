@@ -63,6 +63,10 @@ class ConflictError(MsstoreError):
     """An optimistic-concurrency check failed: someone else wrote first."""
 
 
+class LeaseLostError(ConflictError):
+    """A worker finished, failed or extended a task whose lease it no longer holds."""
+
+
 class PendingWritesError(StoreUnavailableError):
     """Some SQL writes could not be committed within the retry budget; they are kept."""
 
@@ -128,6 +132,7 @@ __all__ = [
     "InvalidKeyError",
     "InvalidOptionError",
     "InvalidValueError",
+    "LeaseLostError",
     "MigrationChecksumError",
     "MigrationError",
     "MissingExtraError",

@@ -1,0 +1,450 @@
+"""A task queue workers can share: ``tasks.queue`` with leases, retries and LISTEN/NOTIFY.
+
+::
+
+    enqueue ──INSERT … ; pg_notify('msstore_tasks', type)──▶ pending ──▶ (idle workers wake)
+                                                               │
+    claim   ──one statement: SELECT … ORDER BY priority DESC, created_at
+              FOR UPDATE SKIP LOCKED LIMIT n; UPDATE lease─────▶ running (owner, lease_expires_at)
+                                                               │
+    complete ─owner and live lease?──────────────────────────▶ done
+    fail     ─owner and live lease?── attempts left ─────────▶ pending (run_after = backoff)
+                                    └ none left ─────────────▶ dead
+    the lease runs out (worker crashed) ──────────────────────▶ claimable again (attempt + 1)
+
+Leases and due times use the database clock (``now()``), never a worker's, so workers on
+machines whose clocks disagree still agree on who holds a task. A worker that lost its lease
+(it ran out, or another worker holds the task now) gets :class:`LeaseLostError` from
+``complete``/``fail``/``extend`` and changes nothing. A task past ``expires_at`` is never
+claimed; :meth:`TaskQueue.purge_expired` deletes such tasks.
+
+Idle workers do not poll: ``claim(..., wait=s)`` sleeps on a notification that every
+``enqueue`` sends in the same statement. What no notification announces — a lease running
+out, a ``run_after`` coming due — is found by a slow re-check every ``recheck_interval``
+seconds (1 s by default); ``counters`` tells wake-ups by notification from re-checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+
+import asyncpg
+
+from ._background import wait_event
+from ._check import positive_int, positive_seconds
+from ._extras import needs_extra
+from ._managed import Managed
+from ._pg import pg_errors
+from .codec import MAX_VALUE_BYTES
+from .errors import InvalidValueError, LeaseLostError
+from .layers._common import check_ttl
+from .layers.sql import as_uuid, jsonb
+from .layers.tasks import TaskStore
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .connection import Connection
+
+#: The channel every enqueue notifies (payload: the task type).
+CHANNEL: Final = "msstore_tasks"
+_INT32 = 2**31 - 1
+
+
+class TaskStatus(enum.StrEnum):
+    """The ``status`` column of a task the queue works."""
+
+    PENDING = "pending"  # waiting to be claimed (maybe not yet due: run_after)
+    RUNNING = "running"  # leased to a worker
+    DONE = "done"
+    DEAD = "dead"  # failed max_attempts times
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedTask:
+    """A task leased to a worker until ``lease_expires_at`` (the database's clock)."""
+
+    task_id: str
+    task_type: str
+    payload: Any
+    priority: int
+    attempt: int  # 1 for the first claim; a retry or a reclaimed lease counts up
+    max_attempts: int
+    created_at: datetime
+    lease_expires_at: datetime
+
+
+_ENQUEUE = f"""
+WITH ins AS (
+    INSERT INTO tasks.queue AS q (task_id, task_type, payload, priority, max_attempts,
+                                  run_after, expires_at)
+    SELECT t.id, $2::text, t.payload, $3::int, $4::int,
+           COALESCE($5::timestamptz, now() + make_interval(secs => COALESCE($6::float8, 0))),
+           COALESCE($7::timestamptz, now() + make_interval(secs => $8::float8))
+    FROM unnest($1::uuid[], $9::jsonb[]) AS t(id, payload)
+    RETURNING q.run_after
+)
+SELECT pg_notify('{CHANNEL}', $2::text) FROM (SELECT min(run_after) AS due FROM ins) d
+WHERE d.due <= now()
+"""
+
+#: Candidates in the claim index's order, skipping rows other claims hold; a lease that ran
+#: out is claimable again, and its crashed attempt counts: past max_attempts it goes dead.
+_CLAIM = """
+WITH picked AS (
+    SELECT task_id FROM tasks.queue
+    WHERE ((status = 'pending' AND run_after <= now())
+           OR (status = 'running' AND lease_expires_at <= now()))
+      AND (expires_at IS NULL OR expires_at > now())
+      AND ($2::text[] IS NULL OR task_type = ANY($2::text[]))
+    ORDER BY priority DESC, created_at, task_id
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE tasks.queue AS q SET
+        status = CASE WHEN q.attempts < q.max_attempts THEN 'running' ELSE 'dead' END,
+        attempts = LEAST(q.attempts + 1, q.max_attempts),
+        lease_owner = CASE WHEN q.attempts < q.max_attempts THEN $1 END,
+        lease_expires_at = CASE WHEN q.attempts < q.max_attempts
+                                THEN now() + make_interval(secs => $4::float8) END,
+        last_error = CASE WHEN q.attempts < q.max_attempts THEN q.last_error
+                          ELSE 'the lease of the last attempt ran out' END,
+        updated_at = now()
+    FROM picked WHERE q.task_id = picked.task_id
+    RETURNING q.task_id, q.task_type, q.payload, q.priority, q.attempts, q.max_attempts,
+              q.created_at, q.lease_expires_at, q.status
+)
+SELECT * FROM claimed ORDER BY priority DESC, created_at, task_id
+"""
+
+#: Only the owner of a live lease may finish a task; every other call matches no row.
+_OWNED = ("task_id = $1 AND status = 'running' AND lease_owner = $2 "
+          "AND lease_expires_at > now()")
+_COMPLETE = f"""
+UPDATE tasks.queue SET status = 'done', result = $3, lease_owner = NULL,
+       lease_expires_at = NULL, updated_at = now()
+WHERE {_OWNED} RETURNING task_id
+"""
+_FAIL = f"""
+UPDATE tasks.queue SET
+    status = CASE WHEN attempts < max_attempts THEN 'pending' ELSE 'dead' END,
+    run_after = now() + make_interval(secs => COALESCE(
+        $4::float8, LEAST($6::float8, $5::float8 * power(2, attempts - 1)))),
+    last_error = $3, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+WHERE {_OWNED} RETURNING status
+"""
+_EXTEND = f"""
+UPDATE tasks.queue SET lease_expires_at = now() + make_interval(secs => $3::float8),
+       updated_at = now()
+WHERE {_OWNED} RETURNING lease_expires_at
+"""
+_WHO = """
+SELECT status, lease_owner, lease_expires_at > now() AS live FROM tasks.queue
+WHERE task_id = $1
+"""
+_STATS = """
+SELECT task_type, status, count(*) AS tasks, sum(attempts)::bigint AS attempts,
+       max(attempts) AS max_attempts,
+       count(*) FILTER (WHERE status = 'pending' AND run_after > now()) AS not_due,
+       count(*) FILTER (WHERE status = 'running' AND lease_expires_at <= now()) AS lease_run_out,
+       count(*) FILTER (WHERE expires_at <= now()) AS expired
+FROM tasks.queue
+WHERE ($1::text[] IS NULL OR task_type = ANY($1::text[]))
+GROUP BY task_type, status ORDER BY task_type, status
+"""
+_PURGE_FINISHED = """
+DELETE FROM tasks.queue WHERE status IN ('done', 'dead')
+  AND updated_at <= now() - make_interval(secs => $1::float8)
+  AND ($2::text[] IS NULL OR task_type = ANY($2::text[]))
+"""
+
+
+def check_task_type(task_type: object) -> str:
+    if not isinstance(task_type, str) or not task_type or len(task_type) > 50:
+        raise InvalidValueError(f"task_type must be a non-empty str of at most 50 "
+                                f"characters, got {task_type!r}")
+    return task_type
+
+
+def check_worker(worker_id: object) -> str:
+    if not isinstance(worker_id, str) or not worker_id or len(worker_id) > 200:
+        raise InvalidValueError(f"worker_id must be a non-empty str of at most 200 "
+                                f"characters (e.g. f'{{hostname}}-{{pid}}'), got {worker_id!r}")
+    return worker_id
+
+
+def check_types(types: object) -> list[str] | None:
+    if types is None:
+        return None
+    if isinstance(types, str) or not isinstance(types, Iterable):
+        raise InvalidValueError(f"types must be a list of task types or None, got {types!r}")
+    return [check_task_type(t) for t in types] or None
+
+
+def check_priority(priority: object) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int) \
+            or not -_INT32 <= priority <= _INT32:
+        raise InvalidValueError(f"priority must be an int in ±{_INT32}, got {priority!r}")
+    return priority
+
+
+def check_attempts(max_attempts: object) -> int:
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) \
+            or not 1 <= max_attempts <= _INT32:
+        raise InvalidValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
+    return max_attempts
+
+
+def check_when(name: str, when: object) -> tuple[datetime | None, float | None]:
+    """A time as (absolute, seconds from the database's now): an aware datetime or seconds."""
+    if when is None:
+        return None, None
+    if isinstance(when, datetime):
+        if when.tzinfo is None:
+            raise InvalidValueError(f"{name} must be timezone-aware (e.g. "
+                                    f"datetime.now(timezone.utc)), got {when!r}")
+        return when, None
+    if isinstance(when, int | float) and not isinstance(when, bool) and 0 <= when < 1e9:
+        return None, float(when)
+    raise InvalidValueError(f"{name} must be an aware datetime or a number of seconds >= 0 "
+                            f"from now, got {when!r}")
+
+
+class TaskQueue(Managed):
+    """Enqueue, claim with a lease, complete / fail / extend; idle workers wait on NOTIFY.
+
+    One queue per process is enough: it holds one connection that LISTENs, and any number of
+    worker coroutines may share it (``worker_id`` names who holds a lease, not the queue).
+    ``retry_base``/``retry_max``: a failure without ``retry_in`` is retried after
+    ``retry_base * 2**(attempt-1)`` seconds, at most ``retry_max``.
+    """
+
+    _usage: ClassVar[str] = "`async with msstore.TaskQueue(ms) as queue`"
+
+    def __init__(self, ms: Connection, *, recheck_interval: float = 1.0,
+                 retry_base: float = 1.0, retry_max: float = 300.0,
+                 max_value_bytes: int = MAX_VALUE_BYTES) -> None:
+        self.ms = ms
+        self._pool: asyncpg.Pool = ms.pool
+        self.recheck_interval = positive_seconds("recheck_interval", recheck_interval)
+        self.retry_base = positive_seconds("retry_base", retry_base)
+        self.retry_max = positive_seconds("retry_max", retry_max)
+        self.max_value_bytes = positive_int("max_value_bytes", max_value_bytes)
+        #: notifications received, waits ended by one, waits ended by the re-check instead
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("notifications", "wakeups", "rechecks", "claims", "claimed", "buried"), 0)
+        self._notified = asyncio.Event()
+        self._listener: asyncpg.pool.PoolConnectionProxy[Any] | None = None
+
+    # -- life ---------------------------------------------------------------------------------
+    async def _start(self) -> None:
+        await self._listen()
+
+    async def _close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None and not listener.is_closed():
+            with pg_errors("closing the task queue's listener"):
+                await listener.remove_listener(CHANNEL, self._on_notify)
+                await self._pool.release(listener)
+
+    async def _listen(self) -> None:
+        with pg_errors("listening for new tasks"):
+            listener = await self._pool.acquire()
+            try:
+                await listener.add_listener(CHANNEL, self._on_notify)
+            except BaseException:
+                await self._pool.release(listener)
+                raise
+        listener.add_termination_listener(self._on_lost)
+        self._listener = listener
+
+    def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        self.counters["notifications"] += 1
+        event, self._notified = self._notified, asyncio.Event()
+        event.set()
+
+    def _on_lost(self, conn: object) -> None:
+        self._listener = None  # the next wait listens again; the re-checks cover the gap
+
+    # -- producers ----------------------------------------------------------------------------
+    async def enqueue(self, task_type: str, payload: Any, *, priority: int = 0,
+                      expires_at: datetime | None = None, ttl: float | None = None,
+                      max_attempts: int = 5, run_after: datetime | float | None = None) -> str:
+        """Add one task; return its id. ``run_after``: an aware datetime or seconds from now."""
+        return (await self.enqueue_many(task_type, [payload], priority=priority,
+                                        expires_at=expires_at, ttl=ttl,
+                                        max_attempts=max_attempts, run_after=run_after))[0]
+
+    async def enqueue_many(self, task_type: str, payloads: Iterable[Any], *, priority: int = 0,
+                           expires_at: datetime | None = None, ttl: float | None = None,
+                           max_attempts: int = 5, run_after: datetime | float | None = None
+                           ) -> list[str]:
+        """Add one task per payload in one statement (and one notification); return the ids."""
+        self._check_open()
+        task_type = check_task_type(task_type)
+        if isinstance(payloads, str | bytes) or not isinstance(payloads, Iterable):
+            raise InvalidValueError(f"payloads must be an iterable of task payloads, got "
+                                    f"{type(payloads).__name__}")
+        encoded = [jsonb(p, self.max_value_bytes) for p in payloads]
+        if expires_at is not None and ttl is not None:
+            raise InvalidValueError("give either expires_at or ttl, not both")
+        expires, _ = check_when("expires_at", expires_at)
+        due_at, due_in = check_when("run_after", run_after)
+        attempts = check_attempts(max_attempts)
+        ids = [uuid.uuid4() for _ in encoded]
+        if ids:
+            with pg_errors(f"enqueueing {len(ids)} {task_type} task(s)"):
+                await self._pool.execute(_ENQUEUE, ids, task_type, check_priority(priority),
+                                         attempts, due_at, due_in, expires, check_ttl(ttl),
+                                         encoded)
+        return [str(i) for i in ids]
+
+    # -- workers ------------------------------------------------------------------------------
+    async def claim(self, worker_id: str, *, types: Sequence[str] | None = None, limit: int = 1,
+                    lease: float = 30.0, wait: float | None = None) -> list[ClaimedTask]:
+        """Lease up to ``limit`` claimable tasks to ``worker_id`` for ``lease`` seconds.
+
+        Highest priority first, then oldest. Never an expired task, one not yet due, or one
+        whose lease is live. With ``wait`` seconds, an empty queue is waited on (woken by the
+        next enqueue's notification, re-checked every ``recheck_interval``); ``[]`` after
+        ``wait`` seconds without a task.
+        """
+        self._check_open()
+        worker_id = check_worker(worker_id)
+        kinds = check_types(types)
+        limit = positive_int("limit", limit)
+        lease = positive_seconds("lease", lease)
+        loop = asyncio.get_running_loop()
+        deadline = None if wait is None else loop.time() + positive_seconds("wait", wait)
+        while True:
+            notified = self._notified  # before the claim: a notify during it is not missed
+            rows = await self._claim_once(worker_id, kinds, limit, lease)
+            tasks = [_claimed(r) for r in rows if r["status"] == TaskStatus.RUNNING]
+            if tasks or deadline is None:
+                return tasks
+            if len(rows) > len(tasks):
+                continue  # the picked rows were buried as dead: look again at once
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            if self._listener is None:
+                await self._listen_quietly()
+            if await wait_event(notified, min(remaining, self.recheck_interval)):
+                self.counters["wakeups"] += 1
+            else:
+                self.counters["rechecks"] += 1
+
+    async def _claim_once(self, worker_id: str, kinds: list[str] | None, limit: int,
+                          lease: float) -> list[asyncpg.Record]:
+        with pg_errors(f"claiming tasks for {worker_id}"):
+            rows = await self._pool.fetch(_CLAIM, worker_id, kinds, limit, lease)
+        self.counters["claims"] += 1
+        buried = sum(r["status"] == TaskStatus.DEAD for r in rows)
+        self.counters["claimed"] += len(rows) - buried
+        self.counters["buried"] += buried
+        return rows
+
+    async def _listen_quietly(self) -> None:
+        try:
+            await self._listen()
+        except Exception:  # PostgreSQL away: the re-checks (and their errors) go on
+            pass
+
+    async def complete(self, task_id: str | uuid.UUID, worker_id: str,
+                       result: Any = None) -> None:
+        """Mark a task done with an optional JSON ``result``; only with a live lease."""
+        self._check_open()
+        tid = as_uuid(task_id, "a task id")
+        value = None if result is None else jsonb(result, self.max_value_bytes)
+        await self._owned(_COMPLETE, "completing", tid, check_worker(worker_id), value)
+
+    async def fail(self, task_id: str | uuid.UUID, worker_id: str, error: str, *,
+                   retry_in: float | None = None) -> TaskStatus:
+        """Record a failed attempt: ``pending`` again after a backoff, or ``dead`` when it was
+        the last of ``max_attempts``. Returns the task's new status."""
+        self._check_open()
+        tid = as_uuid(task_id, "a task id")
+        if not isinstance(error, str):
+            raise InvalidValueError(f"error must be a str (what went wrong), got {error!r}")
+        if retry_in is not None and (isinstance(retry_in, bool)
+                                     or not isinstance(retry_in, int | float)
+                                     or not 0 <= retry_in < 1e9):
+            raise InvalidValueError(f"retry_in must be seconds >= 0 or None (the backoff), "
+                                    f"got {retry_in!r}")
+        row = await self._owned(_FAIL, "failing", tid, check_worker(worker_id), error[:10_000],
+                                retry_in, self.retry_base, self.retry_max)
+        return TaskStatus(row["status"])
+
+    async def extend(self, task_id: str | uuid.UUID, worker_id: str, lease: float) -> datetime:
+        """Renew a live lease to ``lease`` seconds from now; return the new expiry."""
+        self._check_open()
+        tid = as_uuid(task_id, "a task id")
+        row = await self._owned(_EXTEND, "extending the lease of", tid, check_worker(worker_id),
+                                positive_seconds("lease", lease))
+        return row["lease_expires_at"]  # type: ignore[no-any-return]
+
+    async def _owned(self, sql: str, what: str, tid: uuid.UUID, worker_id: str,
+                     *args: Any) -> asyncpg.Record:
+        with pg_errors(f"{what} task {tid}"):
+            row = await self._pool.fetchrow(sql, tid, worker_id, *args)
+            if row is not None:
+                return row
+            who = await self._pool.fetchrow(_WHO, tid)
+        raise LeaseLostError(lease_lost_message(what, tid, worker_id, who))
+
+    # -- operators ----------------------------------------------------------------------------
+    async def purge_expired(self) -> int:
+        """Delete every task past its ``expires_at`` (a live lease keeps one); how many."""
+        self._check_open()
+        return await TaskStore(self._pool).purge_expired()
+
+    async def purge_finished(self, older_than: float = 0.0, *,
+                             types: Sequence[str] | None = None) -> int:
+        """Delete ``done`` and ``dead`` tasks last changed ``older_than`` seconds ago or more."""
+        self._check_open()
+        _, seconds = check_when("older_than", older_than)
+        with pg_errors("purging finished tasks"):
+            status = await self._pool.execute(_PURGE_FINISHED, seconds, check_types(types))
+        return int(status.split()[-1])
+
+    async def stats(self, types: Sequence[str] | None = None) -> pd.DataFrame:
+        """One row per (task_type, status): tasks, attempts (sum and max), how many are not
+        yet due, hold a lease that ran out, or are past ``expires_at``."""
+        self._check_open()
+        with needs_extra("TaskQueue.stats()"):
+            import pandas as pd
+        with pg_errors("reading the queue's statistics"):
+            rows = await self._pool.fetch(_STATS, check_types(types))
+        columns = ["task_type", "status", "tasks", "attempts", "max_attempts", "not_due",
+                   "lease_run_out", "expired"]
+        return pd.DataFrame([dict(r) for r in rows], columns=columns)
+
+
+def _claimed(r: asyncpg.Record) -> ClaimedTask:
+    return ClaimedTask(str(r["task_id"]), r["task_type"], r["payload"], r["priority"],
+                       r["attempts"], r["max_attempts"], r["created_at"],
+                       r["lease_expires_at"])
+
+
+def lease_lost_message(what: str, tid: uuid.UUID, worker_id: str,
+                       who: asyncpg.Record | dict[str, Any] | None) -> str:
+    """Why ``worker_id`` may not touch task ``tid``, from the row as it is now."""
+    if who is None:
+        why = "it does not exist (never enqueued, or purged)"
+    elif who["status"] != TaskStatus.RUNNING:
+        why = f"it is {who['status']}, not running"
+    elif who["lease_owner"] != worker_id:
+        why = f"its lease is held by {who['lease_owner']!r}"
+    else:
+        why = "its lease ran out (extend() it before it does, or claim with a longer lease)"
+    return (f"{what} task {tid} refused for worker {worker_id!r}: {why}; nothing was changed "
+            "— drop the task, another worker may be running it")
+
+
+__all__ = ["CHANNEL", "ClaimedTask", "TaskQueue", "TaskStatus"]
