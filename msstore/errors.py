@@ -66,6 +66,10 @@ class ConflictError(MsstoreError):
 class LeaseLostError(ConflictError):
     """A worker finished, failed or extended a task whose lease it no longer holds."""
 
+    def __init__(self, message: str, task_ids: list[str]) -> None:
+        super().__init__(message)
+        self.task_ids = task_ids  # the refused tasks: each left exactly as it was
+
 
 class PendingWritesError(StoreUnavailableError):
     """Some SQL writes could not be committed within the retry budget; they are kept."""

@@ -126,10 +126,13 @@ SELECT * FROM claimed ORDER BY priority DESC, created_at, task_id
 #: Only the owner of a live lease may finish a task; every other call matches no row.
 _OWNED = ("task_id = $1 AND status = 'running' AND lease_owner = $2 "
           "AND lease_expires_at > now()")
-_COMPLETE = f"""
-UPDATE tasks.queue SET status = 'done', result = $3, lease_owner = NULL,
+_COMPLETE = """
+UPDATE tasks.queue AS q SET status = 'done', result = t.result, lease_owner = NULL,
        lease_expires_at = NULL, updated_at = now()
-WHERE {_OWNED} RETURNING task_id
+FROM unnest($1::uuid[], $3::jsonb[]) AS t(task_id, result)
+WHERE q.task_id = t.task_id AND q.status = 'running' AND q.lease_owner = $2
+  AND q.lease_expires_at > now()
+RETURNING q.task_id
 """
 _FAIL = f"""
 UPDATE tasks.queue SET
@@ -145,8 +148,7 @@ UPDATE tasks.queue SET lease_expires_at = now() + make_interval(secs => $3::floa
 WHERE {_OWNED} RETURNING lease_expires_at
 """
 _WHO = """
-SELECT status, lease_owner, lease_expires_at > now() AS live FROM tasks.queue
-WHERE task_id = $1
+SELECT task_id, status, lease_owner FROM tasks.queue WHERE task_id = ANY($1::uuid[])
 """
 _STATS = """
 SELECT task_type, status, count(*) AS tasks, sum(attempts)::bigint AS attempts,
@@ -296,13 +298,12 @@ class TaskQueue(Managed):
             raise InvalidValueError("give either expires_at or ttl, not both")
         expires, _ = check_when("expires_at", expires_at)
         due_at, due_in = check_when("run_after", run_after)
-        attempts = check_attempts(max_attempts)
+        args = (task_type, check_priority(priority), check_attempts(max_attempts), due_at,
+                due_in, expires, check_ttl(ttl), encoded)
         ids = [uuid.uuid4() for _ in encoded]
         if ids:
             with pg_errors(f"enqueueing {len(ids)} {task_type} task(s)"):
-                await self._pool.execute(_ENQUEUE, ids, task_type, check_priority(priority),
-                                         attempts, due_at, due_in, expires, check_ttl(ttl),
-                                         encoded)
+                await self._pool.execute(_ENQUEUE, ids, *args)
         return [str(i) for i in ids]
 
     # -- workers ------------------------------------------------------------------------------
@@ -359,10 +360,39 @@ class TaskQueue(Managed):
     async def complete(self, task_id: str | uuid.UUID, worker_id: str,
                        result: Any = None) -> None:
         """Mark a task done with an optional JSON ``result``; only with a live lease."""
+        await self.complete_many(worker_id, [task_id], None if result is None else [result])
+
+    async def complete_many(self, worker_id: str, task_ids: Sequence[str | uuid.UUID],
+                            results: Sequence[Any] | None = None) -> None:
+        """Mark many tasks done in one statement (one commit: a batch's worth of fsyncs saved).
+
+        Each task is judged alone: those whose live lease ``worker_id`` holds are done; the
+        others are left as they are and named by the :class:`LeaseLostError` raised after.
+        """
         self._check_open()
-        tid = as_uuid(task_id, "a task id")
-        value = None if result is None else jsonb(result, self.max_value_bytes)
-        await self._owned(_COMPLETE, "completing", tid, check_worker(worker_id), value)
+        worker_id = check_worker(worker_id)
+        tids = [as_uuid(t, "a task id") for t in task_ids]
+        if results is None:
+            values: list[Any] = [None] * len(tids)
+        elif len(results) != len(tids):
+            raise InvalidValueError(f"complete_many got {len(results)} results for "
+                                    f"{len(tids)} task ids; give one per task (or None)")
+        else:
+            values = [None if r is None else jsonb(r, self.max_value_bytes) for r in results]
+        if not tids:
+            return
+        with pg_errors(f"completing {len(tids)} task(s) for {worker_id}"):
+            done = {r["task_id"] for r in await self._pool.fetch(_COMPLETE, tids, worker_id,
+                                                                  values)}
+            refused = [t for t in dict.fromkeys(tids) if t not in done]
+            if not refused:
+                return
+            who = {r["task_id"]: r for r in await self._pool.fetch(_WHO, refused)}
+        raise LeaseLostError(
+            "; ".join(lease_lost_message("completing", t, worker_id, who.get(t))
+                      for t in refused[:3]) + (f" (and {len(refused) - 3} more)"
+                                               if len(refused) > 3 else ""),
+            [str(t) for t in refused])
 
     async def fail(self, task_id: str | uuid.UUID, worker_id: str, error: str, *,
                    retry_in: float | None = None) -> TaskStatus:
@@ -395,8 +425,8 @@ class TaskQueue(Managed):
             row = await self._pool.fetchrow(sql, tid, worker_id, *args)
             if row is not None:
                 return row
-            who = await self._pool.fetchrow(_WHO, tid)
-        raise LeaseLostError(lease_lost_message(what, tid, worker_id, who))
+            who = await self._pool.fetchrow(_WHO, [tid])
+        raise LeaseLostError(lease_lost_message(what, tid, worker_id, who), [str(tid)])
 
     # -- operators ----------------------------------------------------------------------------
     async def purge_expired(self) -> int:

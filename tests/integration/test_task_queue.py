@@ -156,6 +156,23 @@ async def test_a_stale_workers_complete_fail_and_extend_are_refused_and_change_n
     assert a.task_id == tid and issubclass(LeaseLostError, msstore.MsstoreError)
 
 
+async def test_complete_many_finishes_the_owned_tasks_in_one_call_and_names_the_others(
+        ms: msstore.Connection, queue: TaskQueue, unique: Callable[[str], str]) -> None:
+    kind = unique("many")
+    await queue.enqueue_many(kind, ["a", "b", "c"])
+    mine = await queue.claim("A", types=[kind], limit=2)
+    (theirs,) = await queue.claim("B", types=[kind])
+    before = (await rows(ms, kind))[theirs.task_id]
+    with pytest.raises(LeaseLostError, match="held by 'B'") as caught:
+        await queue.complete_many("A", [*(t.task_id for t in mine), theirs.task_id],
+                                  [{"r": 1}, {"r": 2}, {"r": 3}])
+    assert caught.value.task_ids == [theirs.task_id]
+    table = await rows(ms, kind)
+    assert [table[t.task_id]["result"] for t in mine] == [{"r": 1}, {"r": 2}]
+    assert {table[t.task_id]["status"] for t in mine} == {"done"}
+    assert table[theirs.task_id] == before
+
+
 async def test_extend_keeps_a_live_lease_from_being_reclaimed(
         queue: TaskQueue, unique: Callable[[str], str]) -> None:
     kind = unique("extend")
