@@ -31,7 +31,7 @@ SCALES: dict[str, dict[str, int]] = {
         "wb_writes": 3_000, "wb_keys": 100, "wb_reps": 1,
         "read_ops": 1_500, "read_keys": 500, "read_reps": 3,
         "queue_tasks": 1_000, "queue_workers": 4, "queue_batch": 10,
-        "queue_latency_tasks": 40, "queue_reps": 1,
+        "queue_latency_tasks": 40, "queue_reps": 2,
     },
     "full": {
         "flush_keys": 10_000, "flush_reps": 9,

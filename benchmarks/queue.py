@@ -134,6 +134,15 @@ async def run(ms: msstore.Connection, p: dict[str, int], *, bar: bool = True
     kinds: list[str] = []
     try:
         async with TaskQueue(ms) as queue:
+            for side in ("msstore", "pgqueuer"):  # warm-up, untimed: statements, caches
+                kind = f"bench_{uuid.uuid4().hex[:12]}"
+                kinds.append(kind)
+                if side == "msstore":
+                    await queue.enqueue_many(kind, bodies[:200])
+                    await _msstore_drain(queue, kind, workers, batch, lambda: None)
+                else:
+                    await pgq.enqueue(kind, encoded[:200])
+                    await pgq.drain(kind, batch, lambda: None)
             for rep in range(reps):
                 row: dict[str, Any] = {"rep": rep}
                 for side in order(rep, ["msstore", "pgqueuer"]):

@@ -27,8 +27,10 @@ seconds (1 s by default); ``counters`` tells wake-ups by notification from re-ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import uuid
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,7 +38,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import asyncpg
 
-from ._background import wait_event
 from ._check import positive_int, positive_seconds
 from ._extras import needs_extra
 from ._managed import Managed
@@ -96,7 +97,7 @@ WHERE d.due <= now()
 
 #: Candidates in the claim index's order, skipping rows other claims hold; a lease that ran
 #: out is claimable again, and its crashed attempt counts: past max_attempts it goes dead.
-_CLAIM = """
+CLAIM_SQL = """
 WITH picked AS (
     SELECT task_id FROM tasks.queue
     WHERE ((status = 'pending' AND run_after <= now())
@@ -241,7 +242,10 @@ class TaskQueue(Managed):
         #: notifications received, waits ended by one, waits ended by the re-check instead
         self.counters: dict[str, int] = dict.fromkeys(
             ("notifications", "wakeups", "rechecks", "claims", "claimed", "buried"), 0)
-        self._notified = asyncio.Event()
+        #: bumped by every notification, so a claim can tell one arrived while it ran
+        self._generation = 0
+        #: idle claims, oldest first: (their task types or None for any, their wake-up)
+        self._waiters: deque[tuple[frozenset[str] | None, asyncio.Future[None]]] = deque()
         self._listener: asyncpg.pool.PoolConnectionProxy[Any] | None = None
 
     # -- life ---------------------------------------------------------------------------------
@@ -268,8 +272,21 @@ class TaskQueue(Managed):
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
         self.counters["notifications"] += 1
-        event, self._notified = self._notified, asyncio.Event()
-        event.set()
+        self._generation += 1
+        self._wake_one(frozenset([payload]) if isinstance(payload, str) else None)
+
+    def _wake_one(self, kinds: frozenset[str] | None) -> None:
+        """Wake the oldest idle claim that takes one of ``kinds`` (None: any).
+
+        One, not all: waking every idle coroutine of the process for one new task sends them
+        all to PostgreSQL for it. A claim that comes back with a full batch wakes the next
+        one (there may be more), so a large enqueue still fans out to every idle worker.
+        """
+        for i, (types, future) in enumerate(self._waiters):
+            if not future.done() and (types is None or kinds is None or types & kinds):
+                del self._waiters[i]
+                future.set_result(None)
+                return
 
     def _on_lost(self, conn: object) -> None:
         self._listener = None  # the next wait listens again; the re-checks cover the gap
@@ -323,28 +340,46 @@ class TaskQueue(Managed):
         lease = positive_seconds("lease", lease)
         loop = asyncio.get_running_loop()
         deadline = None if wait is None else loop.time() + positive_seconds("wait", wait)
+        wanted = None if kinds is None else frozenset(kinds)
         while True:
-            notified = self._notified  # before the claim: a notify during it is not missed
+            generation = self._generation  # before the claim: a notify during it counts
             rows = await self._claim_once(worker_id, kinds, limit, lease)
             tasks = [_claimed(r) for r in rows if r["status"] == TaskStatus.RUNNING]
+            if len(rows) == limit:
+                self._wake_one(wanted)  # a full batch: there may be more, pass it on
             if tasks or deadline is None:
                 return tasks
-            if len(rows) > len(tasks):
-                continue  # the picked rows were buried as dead: look again at once
+            if len(rows) > len(tasks) or generation != self._generation:
+                continue  # rows buried as dead, or a notification came: look again at once
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
             if self._listener is None:
                 await self._listen_quietly()
-            if await wait_event(notified, min(remaining, self.recheck_interval)):
+            if await self._idle(wanted, min(remaining, self.recheck_interval)):
                 self.counters["wakeups"] += 1
             else:
                 self.counters["rechecks"] += 1
 
+    async def _idle(self, wanted: frozenset[str] | None, seconds: float) -> bool:
+        """Wait to be woken by a notification (True) or for ``seconds`` (False)."""
+        entry = (wanted, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            done, _ = await asyncio.wait({entry[1]}, timeout=seconds)
+        except asyncio.CancelledError:
+            if entry[1].done():
+                self._wake_one(wanted)  # woken, but never claims: pass the wake-up on
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(entry)
+        return bool(done)
+
     async def _claim_once(self, worker_id: str, kinds: list[str] | None, limit: int,
                           lease: float) -> list[asyncpg.Record]:
         with pg_errors(f"claiming tasks for {worker_id}"):
-            rows = await self._pool.fetch(_CLAIM, worker_id, kinds, limit, lease)
+            rows = await self._pool.fetch(CLAIM_SQL, worker_id, kinds, limit, lease)
         self.counters["claims"] += 1
         buried = sum(r["status"] == TaskStatus.DEAD for r in rows)
         self.counters["claimed"] += len(rows) - buried

@@ -17,7 +17,11 @@ ALTER TABLE tasks.queue
     ADD COLUMN result           JSONB,
     ADD COLUMN updated_at       TIMESTAMPTZ NOT NULL DEFAULT now();
 
--- The claim scans this index in its ORDER BY (highest priority, then oldest) and stops at the
--- LIMIT; it holds only the rows a claim can ever want, so finished tasks cost it nothing.
+-- The claim scans one of these in its ORDER BY (highest priority, then oldest) and stops at
+-- the LIMIT: the first for a claim of any type, the second for a claim of one type (without
+-- it, that claim would walk past every other type's backlog). Both hold only the rows a claim
+-- can ever want, so finished tasks cost them nothing.
 CREATE INDEX idx_queue_claim ON tasks.queue (priority DESC, created_at, task_id)
+    WHERE status IN ('pending', 'running');
+CREATE INDEX idx_queue_claim_type ON tasks.queue (task_type, priority DESC, created_at, task_id)
     WHERE status IN ('pending', 'running');
