@@ -239,7 +239,9 @@ class TaskQueue(Managed):
         self.retry_base = positive_seconds("retry_base", retry_base)
         self.retry_max = positive_seconds("retry_max", retry_max)
         self.max_value_bytes = positive_int("max_value_bytes", max_value_bytes)
-        #: notifications received, waits ended by one, waits ended by the re-check instead
+        #: notifications received; idle claims that one woke (or that saw one arrive while
+        #: they ran) and claims the re-check repeated instead; statements; tasks leased;
+        #: tasks buried as dead because the lease of their last attempt ran out
         self.counters: dict[str, int] = dict.fromkeys(
             ("notifications", "wakeups", "rechecks", "claims", "claimed", "buried"), 0)
         #: bumped by every notification, so a claim can tell one arrived while it ran
@@ -349,8 +351,11 @@ class TaskQueue(Managed):
                 self._wake_one(wanted)  # a full batch: there may be more, pass it on
             if tasks or deadline is None:
                 return tasks
-            if len(rows) > len(tasks) or generation != self._generation:
-                continue  # rows buried as dead, or a notification came: look again at once
+            if len(rows) > len(tasks):
+                continue  # the picked rows were buried as dead: look again at once
+            if generation != self._generation:
+                self.counters["wakeups"] += 1  # a notification came during the claim
+                continue
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
