@@ -84,11 +84,12 @@ class ClaimedTask:
 _ENQUEUE = f"""
 WITH ins AS (
     INSERT INTO tasks.queue AS q (task_id, task_type, payload, priority, max_attempts,
-                                  run_after, expires_at)
+                                  run_after, expires_at, created_at)
     SELECT t.id, $2::text, t.payload, $3::int, $4::int,
            COALESCE($5::timestamptz, now() + make_interval(secs => COALESCE($6::float8, 0))),
-           COALESCE($7::timestamptz, now() + make_interval(secs => $8::float8))
-    FROM unnest($1::uuid[], $9::jsonb[]) AS t(id, payload)
+           COALESCE($7::timestamptz, now() + make_interval(secs => $8::float8)),
+           now() + (t.n - 1) * interval '1 microsecond'  -- a batch keeps its order
+    FROM unnest($1::uuid[], $9::jsonb[]) WITH ORDINALITY AS t(id, payload, n)
     RETURNING q.run_after
 )
 SELECT pg_notify('{CHANNEL}', $2::text) FROM (SELECT min(run_after) AS due FROM ins) d
@@ -97,14 +98,14 @@ WHERE d.due <= now()
 
 #: Candidates in the claim index's order, skipping rows other claims hold; a lease that ran
 #: out is claimable again, and its crashed attempt counts: past max_attempts it goes dead.
-CLAIM_SQL = """
+_CLAIM = """
 WITH picked AS (
     SELECT task_id FROM tasks.queue
     WHERE ((status = 'pending' AND run_after <= now())
            OR (status = 'running' AND lease_expires_at <= now()))
       AND (expires_at IS NULL OR expires_at > now())
-      AND ($2::text[] IS NULL OR task_type = ANY($2::text[]))
-    ORDER BY priority DESC, created_at, task_id
+      AND {types}
+    ORDER BY priority DESC, created_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
@@ -121,8 +122,13 @@ WITH picked AS (
     RETURNING q.task_id, q.task_type, q.payload, q.priority, q.attempts, q.max_attempts,
               q.created_at, q.lease_expires_at, q.status
 )
-SELECT * FROM claimed ORDER BY priority DESC, created_at, task_id
+SELECT * FROM claimed ORDER BY priority DESC, created_at
 """
+
+#: The claim for any type, for one type (the per-type index, in order), for several types.
+CLAIM_SQL = _CLAIM.format(types="$2::text[] IS NULL")
+CLAIM_ONE_SQL = _CLAIM.format(types="task_type = ($2::text[])[1]")
+CLAIM_SOME_SQL = _CLAIM.format(types="task_type = ANY($2::text[])")
 
 #: Only the owner of a live lease may finish a task; every other call matches no row.
 _OWNED = ("task_id = $1 AND status = 'running' AND lease_owner = $2 "
@@ -131,8 +137,8 @@ _COMPLETE = """
 UPDATE tasks.queue AS q SET status = 'done', result = t.result, lease_owner = NULL,
        lease_expires_at = NULL, updated_at = now()
 FROM unnest($1::uuid[], $3::jsonb[]) AS t(task_id, result)
-WHERE q.task_id = t.task_id AND q.status = 'running' AND q.lease_owner = $2
-  AND q.lease_expires_at > now()
+WHERE q.task_id = ANY($1::uuid[]) AND q.task_id = t.task_id  -- ANY: the primary key
+  AND q.status = 'running' AND q.lease_owner = $2 AND q.lease_expires_at > now()
 RETURNING q.task_id
 """
 _FAIL = f"""
@@ -384,7 +390,9 @@ class TaskQueue(Managed):
     async def _claim_once(self, worker_id: str, kinds: list[str] | None, limit: int,
                           lease: float) -> list[asyncpg.Record]:
         with pg_errors(f"claiming tasks for {worker_id}"):
-            rows = await self._pool.fetch(CLAIM_SQL, worker_id, kinds, limit, lease)
+            sql = CLAIM_SQL if kinds is None else CLAIM_ONE_SQL if len(kinds) == 1 \
+                else CLAIM_SOME_SQL
+            rows = await self._pool.fetch(sql, worker_id, kinds, limit, lease)
         self.counters["claims"] += 1
         buried = sum(r["status"] == TaskStatus.DEAD for r in rows)
         self.counters["claimed"] += len(rows) - buried

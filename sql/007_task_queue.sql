@@ -21,7 +21,10 @@ ALTER TABLE tasks.queue
 -- the LIMIT: the first for a claim of any type, the second for a claim of one type (without
 -- it, that claim would walk past every other type's backlog). Both hold only the rows a claim
 -- can ever want, so finished tasks cost them nothing.
-CREATE INDEX idx_queue_claim ON tasks.queue (priority DESC, created_at, task_id)
+-- (No task_id tiebreaker: enqueue_many gives each task of a batch its own created_at, and a
+-- task_id here would tempt the planner to look tasks up by id through these instead of the
+-- primary key.)
+CREATE INDEX idx_queue_claim ON tasks.queue (priority DESC, created_at)
     WHERE status IN ('pending', 'running');
-CREATE INDEX idx_queue_claim_type ON tasks.queue (task_type, priority DESC, created_at, task_id)
+CREATE INDEX idx_queue_claim_type ON tasks.queue (task_type, priority DESC, created_at)
     WHERE status IN ('pending', 'running');

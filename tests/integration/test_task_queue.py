@@ -95,6 +95,8 @@ async def test_claims_come_highest_priority_first_then_oldest(
     assert one_by_one == [high, mid]
     assert [t.task_id for t in rest] == [low1, low2, neg]
     assert [t.priority for t in rest] == [0, 0, -1]
+    batch = await queue.enqueue_many(kind, [f"b{i}" for i in range(50)], priority=3)
+    assert [t.task_id for t in await queue.claim("w", types=[kind], limit=100)] == batch
 
 
 async def test_a_task_is_not_claimed_before_its_run_after(
