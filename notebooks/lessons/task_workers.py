@@ -1,5 +1,7 @@
 """Notebook 10's plumbing: worker processes, a sampler of the queue over time, a naive queue.
 
+(Not `queue.py`: a script run from this folder would shadow the standard library's `queue`.)
+
 The worker processes are ``tests/task_worker.py`` (outside the package, shared with the
 integration tests): each prints what it claimed and what ``complete`` acknowledged, so the
 notebook counts the same things the tests do. The *naive* queue is the seed's table used as
