@@ -10,16 +10,12 @@ import pytest
 
 import msstore
 from msstore._managed import Lifetime
-from msstore.tasks import (
-    TaskQueue,
-    check_attempts,
-    check_priority,
-    check_task_type,
-    check_types,
-    check_when,
-    check_worker,
-    lease_lost_message,
-)
+from msstore._task_checks import check_attempts as attempts
+from msstore._task_checks import check_priority as priority
+from msstore._task_checks import check_task_type as task_type
+from msstore._task_checks import check_types, check_when, lease_lost_message
+from msstore._task_checks import check_worker as worker
+from msstore.tasks import TaskQueue
 
 
 class NoPool:
@@ -51,10 +47,9 @@ def test_run_after_and_expires_at_take_an_aware_datetime_or_seconds_from_now() -
 
 
 @pytest.mark.parametrize("check, bad", [
-    (check_task_type, ""), (check_task_type, "x" * 51), (check_task_type, 3),
-    (check_worker, ""), (check_worker, None), (check_priority, True),
-    (check_priority, 2**31), (check_priority, 1.5), (check_attempts, 0),
-    (check_attempts, False), (check_types, "one-type-not-a-list"), (check_types, ["", "x"]),
+    (task_type, ""), (task_type, "x" * 51), (task_type, 3), (worker, ""), (worker, None),
+    (priority, True), (priority, 2**31), (priority, 1.5), (attempts, 0), (attempts, False),
+    (check_types, "one-type-not-a-list"), (check_types, ["", "x"]),
 ])
 def test_each_check_refuses_its_bad_values_with_an_invalid_value_error(check: Any,
                                                                         bad: object) -> None:
