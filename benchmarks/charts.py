@@ -181,5 +181,23 @@ def png(fig: Figure, dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
+def queue(frame: pd.DataFrame) -> Figure:
+    fig = Figure(figsize=(8, 3.4))
+    a1, a2 = fig.subplots(1, 2)
+    labels, colors = ["msstore TaskQueue", "pgqueuer"], ["tab:blue", "tab:gray"]
+    _bars(a1, labels, [frame[f"{k}_tasks_per_s"].median() for k in ("msstore", "pgqueuer")],
+          "tasks per second (median)", colors=colors)
+    a1.set_title(f"#7 claim + complete, {frame.attrs.get('workers', 0)} workers: "
+                 f"{_ratio(frame, 'msstore_tasks_per_s', 'pgqueuer_tasks_per_s'):.2f}× "
+                 "pgqueuer's rate", fontsize=10)
+    _bars(a2, labels, [frame[f"{k}_p50_us"].median() / 1e3 for k in ("msstore", "pgqueuer")],
+          "enqueue → start p50 (ms)", colors=colors)
+    a2.set_title(f"#7 enqueue → start p50: "
+                 f"{_ratio(frame, 'msstore_p50_us', 'pgqueuer_p50_us'):.2f}× pgqueuer's",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 CHARTS = {"flush": flush, "write": write, "l1": l1, "hydrate": hydrate,
-          "write_behind": write_behind, "read_path": read_path}
+          "write_behind": write_behind, "read_path": read_path, "queue": queue}

@@ -30,6 +30,8 @@ SCALES: dict[str, dict[str, int]] = {
         "hydrate_keys": 1_000, "hydrate_reps": 3,
         "wb_writes": 3_000, "wb_keys": 100, "wb_reps": 1,
         "read_ops": 1_500, "read_keys": 500, "read_reps": 3,
+        "queue_tasks": 1_000, "queue_workers": 4, "queue_batch": 10,
+        "queue_latency_tasks": 40, "queue_reps": 2,
     },
     "full": {
         "flush_keys": 10_000, "flush_reps": 9,
@@ -38,6 +40,8 @@ SCALES: dict[str, dict[str, int]] = {
         "hydrate_keys": 1_000, "hydrate_reps": 7,
         "wb_writes": 10_000, "wb_keys": 100, "wb_reps": 3,
         "read_ops": 10_000, "read_keys": 2_000, "read_reps": 5,
+        "queue_tasks": 5_000, "queue_workers": 4, "queue_batch": 10,
+        "queue_latency_tasks": 200, "queue_reps": 3,
     },
 }
 

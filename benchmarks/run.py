@@ -1,9 +1,10 @@
 """The runner: ``msstore bench [--scale ci|full]`` = ``benchmarks.run.main(argv)``.
 
-Runs the six comparisons of the performance issue against the servers ``msstore.connect()``
-resolves (embedded by default, or ``MSSTORE_DATABASE_URL`` / ``MSSTORE_NATS_URL``), prints one
-table, and writes ``summary.csv``, one ``<name>.csv`` of raw samples per comparison, one PNG
-chart per comparison, ``summary.png`` and ``machine.json`` into ``out``.
+Runs the comparisons of the performance issue (1-6) and the task queue's (7) against the
+servers ``msstore.connect()`` resolves (embedded by default, or ``MSSTORE_DATABASE_URL`` /
+``MSSTORE_NATS_URL``), prints one table, and writes ``summary.csv``, one ``<name>.csv`` of
+raw samples per comparison, one PNG chart per comparison, ``summary.png`` and
+``machine.json`` into ``out``.
 
 Every figure is a ratio measured side by side in the same run (see :mod:`benchmarks.common`).
 """
@@ -29,7 +30,7 @@ import pandas as pd
 
 import msstore
 
-from . import charts, flush, hydrate, l1, read_path, write, write_behind
+from . import charts, flush, hydrate, l1, queue, read_path, write, write_behind
 from .common import COLUMNS, Comparison, scale_params, show_progress
 
 Bench = Callable[[msstore.Connection, dict[str, int]], Awaitable[tuple[list[Comparison],
@@ -38,7 +39,7 @@ Bench = Callable[[msstore.Connection, dict[str, int]], Awaitable[tuple[list[Comp
 #: id -> (name, module); the order they run in
 BENCHMARKS: dict[int, tuple[str, Any]] = {
     1: ("flush", flush), 2: ("write", write), 5: ("write_behind", write_behind),
-    3: ("l1", l1), 4: ("hydrate", hydrate), 6: ("read_path", read_path),
+    3: ("l1", l1), 4: ("hydrate", hydrate), 6: ("read_path", read_path), 7: ("queue", queue),
 }
 DEFAULT_OUT = Path("benchmarks/results")
 
@@ -189,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scale", choices=["ci", "full"],
                    default=os.environ.get("MSSTORE_SCALE", "ci"))
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--only", default="", help="comma-separated ids (1-6); default: all")
+    p.add_argument("--only", default="", help="comma-separated ids (1-7); default: all")
     args = p.parse_args(argv)
     only = [int(x) for x in args.only.split(",") if x.strip()] or None
     result = asyncio.run(run_suite(args.scale, args.out, only=only))

@@ -32,6 +32,7 @@ from .lifecycle import StateLifecycleManager
 from .merge import MergeResult
 from .repository import Agent, AgentRepository, Repository
 from .router import DataRouter, DataStorage, DataType, Hit, StorageLayer, Store
+from .tasks import ClaimedTask, TaskQueue, TaskStatus
 from .transitions import LifecycleState, TransitionEvent
 
 try:
@@ -75,6 +76,7 @@ __all__ = [
     "StateLifecycleManager",
     "StorageLayer",
     "Store",
+    "TaskQueue",
     "TaskStore",
     "TieredCacheRepository",
     "VectorStore",
@@ -85,11 +87,13 @@ __all__ = [
 __all__ += [
     "CacheEntry",
     "CacheSource",
+    "ClaimedTask",
     "Hit",
     "HydrationResult",
     "LifecycleState",
     "MergeResult",
     "RestoreResult",
+    "TaskStatus",
     "TransitionEvent",
 ]
 #: the errors, every MsstoreError subclass (listed once, in msstore.errors)

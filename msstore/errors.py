@@ -63,6 +63,14 @@ class ConflictError(MsstoreError):
     """An optimistic-concurrency check failed: someone else wrote first."""
 
 
+class LeaseLostError(ConflictError):
+    """A worker finished, failed or extended a task whose lease it no longer holds."""
+
+    def __init__(self, message: str, task_ids: list[str]) -> None:
+        super().__init__(message)
+        self.task_ids = task_ids  # the refused tasks: each left exactly as it was
+
+
 class PendingWritesError(StoreUnavailableError):
     """Some SQL writes could not be committed within the retry budget; they are kept."""
 
@@ -128,6 +136,7 @@ __all__ = [
     "InvalidKeyError",
     "InvalidOptionError",
     "InvalidValueError",
+    "LeaseLostError",
     "MigrationChecksumError",
     "MigrationError",
     "MissingExtraError",

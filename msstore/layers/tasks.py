@@ -16,6 +16,10 @@ from .sql import SQLStore, as_uuid, jsonb, search_filter
 _TASK_COLUMNS = ("task_type", "status", "metadata", "expires_at")
 _LIVE = "(expires_at IS NULL OR expires_at > now())"
 
+_PURGE_EXPIRED = """
+DELETE FROM tasks.queue WHERE expires_at <= now()
+  AND NOT (status = 'running' AND COALESCE(lease_expires_at > now(), false))
+"""
 _UPSERT_TASKS = """
 INSERT INTO tasks.queue AS q (task_id, task_type, payload, metadata, status, expires_at)
 SELECT t.task_id, t.task_type, t.payload, COALESCE(t.metadata, '{}'::jsonb),
@@ -116,10 +120,10 @@ class TaskStore(SQLStore, data_type=DataType.TASK_INFO):
         return [Hit(str(r["task_id"]), r["payload"]) for r in rows]
 
     async def purge_expired(self) -> int:
-        """Delete every task past its ``expires_at``; return how many."""
+        """Delete every task past its ``expires_at``, but one a worker holds a live lease on
+        (:class:`msstore.TaskQueue`); return how many."""
         with pg_errors("purging expired tasks"):
-            status = await self._pool.execute(
-                "DELETE FROM tasks.queue WHERE expires_at <= now()")
+            status = await self._pool.execute(_PURGE_EXPIRED)
         return int(status.split()[-1])
 
 

@@ -29,5 +29,6 @@ def test_the_readme_snippet_is_a_complete_script(tmp_path: Path, database_url: s
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert re.fullmatch(r"revision \d+: \{'step': 3\}\nlifecycle: 1 row\(s\) in PostgreSQL\n"
-                        r"\{'status': 'pending'\}\n", out.stdout), \
+                        r"\{'status': 'pending'\}\nsummarise \{'doc': 17\}: done on attempt 1\n",
+                        out.stdout), \
         out.stdout

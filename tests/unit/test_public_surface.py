@@ -14,11 +14,12 @@ ENTRY_POINTS = {
     "Agent", "AgentRepository", "Connection", "DataRouter", "DataStorage", "DataType",
     "Embedder", "HashingEmbedder", "HybridStateManager", "KVStore", "MemoryCache",
     "MessageLogStore", "Repository", "SQLStore", "StateLifecycleManager", "StorageLayer",
-    "Store", "TaskStore", "TieredCacheRepository", "VectorStore", "__version__", "connect",
+    "Store", "TaskQueue", "TaskStore", "TieredCacheRepository", "VectorStore", "__version__",
+    "connect",
 }
 RESULTS = {
-    "CacheEntry", "CacheSource", "Hit", "HydrationResult", "LifecycleState", "MergeResult",
-    "RestoreResult", "TransitionEvent",
+    "CacheEntry", "CacheSource", "ClaimedTask", "Hit", "HydrationResult", "LifecycleState",
+    "MergeResult", "RestoreResult", "TaskStatus", "TransitionEvent",
 }
 MOVED = {"dumps": codec, "loads": codec, "join_key": keys, "split_key": keys,
          "encode_key": keys, "decode_key": keys, "encode_token": keys}
