@@ -30,6 +30,7 @@ from .layers import (
 )
 from .lifecycle import StateLifecycleManager
 from .merge import MergeResult
+from .messages import Message, MessageLog, MessagePage
 from .repository import Agent, AgentRepository, Repository
 from .router import DataRouter, DataStorage, DataType, Hit, StorageLayer, Store
 from .transitions import LifecycleState, TransitionEvent
@@ -69,6 +70,7 @@ __all__ = [
     "HybridStateManager",
     "KVStore",
     "MemoryCache",
+    "MessageLog",
     "MessageLogStore",
     "Repository",
     "SQLStore",
@@ -89,6 +91,8 @@ __all__ += [
     "HydrationResult",
     "LifecycleState",
     "MergeResult",
+    "Message",
+    "MessagePage",
     "RestoreResult",
     "TransitionEvent",
 ]

@@ -13,11 +13,12 @@ from msstore import codec, errors, keys
 ENTRY_POINTS = {
     "Agent", "AgentRepository", "Connection", "DataRouter", "DataStorage", "DataType",
     "Embedder", "HashingEmbedder", "HybridStateManager", "KVStore", "MemoryCache",
-    "MessageLogStore", "Repository", "SQLStore", "StateLifecycleManager", "StorageLayer",
+    "MessageLog", "MessageLogStore", "Repository", "SQLStore", "StateLifecycleManager", "StorageLayer",
     "Store", "TaskStore", "TieredCacheRepository", "VectorStore", "__version__", "connect",
 }
 RESULTS = {
-    "CacheEntry", "CacheSource", "Hit", "HydrationResult", "LifecycleState", "MergeResult",
+    "CacheEntry", "CacheSource", "Hit", "HydrationResult", "LifecycleState", "MergeResult", "Message",
+    "MessagePage",
     "RestoreResult", "TransitionEvent",
 }
 MOVED = {"dumps": codec, "loads": codec, "join_key": keys, "split_key": keys,
