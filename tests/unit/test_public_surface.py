@@ -13,13 +13,13 @@ from msstore import codec, errors, keys
 ENTRY_POINTS = {
     "Agent", "AgentRepository", "Connection", "DataRouter", "DataStorage", "DataType",
     "Embedder", "HashingEmbedder", "HybridStateManager", "KVStore", "MemoryCache",
-    "MessageLog", "MessageLogStore", "Repository", "SQLStore", "StateLifecycleManager", "StorageLayer",
-    "Store", "TaskStore", "TieredCacheRepository", "VectorStore", "__version__", "connect",
+    "MessageLog", "MessageLogStore", "Repository", "SQLStore", "StateLifecycleManager",
+    "StorageLayer", "Store", "TaskStore", "TieredCacheRepository", "VectorStore", "__version__",
+    "connect",
 }
 RESULTS = {
-    "CacheEntry", "CacheSource", "Hit", "HydrationResult", "LifecycleState", "MergeResult", "Message",
-    "MessagePage",
-    "RestoreResult", "TransitionEvent",
+    "CacheEntry", "CacheSource", "Hit", "HydrationResult", "LifecycleState", "MergeResult",
+    "Message", "MessagePage", "RestoreResult", "TransitionEvent",
 }
 MOVED = {"dumps": codec, "loads": codec, "join_key": keys, "split_key": keys,
          "encode_key": keys, "decode_key": keys, "encode_token": keys}
