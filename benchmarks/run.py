@@ -29,7 +29,7 @@ import pandas as pd
 
 import msstore
 
-from . import charts, flush, hydrate, l1, read_path, write, write_behind
+from . import charts, flush, hydrate, l1, message_log, read_path, write, write_behind
 from .common import COLUMNS, Comparison, scale_params, show_progress
 
 Bench = Callable[[msstore.Connection, dict[str, int]], Awaitable[tuple[list[Comparison],
@@ -39,6 +39,7 @@ Bench = Callable[[msstore.Connection, dict[str, int]], Awaitable[tuple[list[Comp
 BENCHMARKS: dict[int, tuple[str, Any]] = {
     1: ("flush", flush), 2: ("write", write), 5: ("write_behind", write_behind),
     3: ("l1", l1), 4: ("hydrate", hydrate), 6: ("read_path", read_path),
+    9: ("message_log", message_log),
 }
 DEFAULT_OUT = Path("benchmarks/results")
 

@@ -148,12 +148,14 @@ def check_channel(channel: object) -> str:
     return channel
 
 
-def check_payloads(payloads: object, max_bytes: int) -> list[Any]:
-    """Each payload encoded once (size-checked); a str or mapping is not a sequence here."""
+def _payloads(payloads: object, max_bytes: int) -> tuple[list[Any], list[Any]]:
+    """The payloads and each one encoded once (size-checked); a str or mapping is one value,
+    not a sequence of them."""
     if isinstance(payloads, str | bytes | Mapping) or not isinstance(payloads, Iterable):
         raise InvalidValueError(f"append_many takes a sequence of payloads, got "
                                 f"{type(payloads).__name__}")
-    return [jsonb(p, max_bytes) for p in payloads]
+    items = list(payloads)
+    return items, [jsonb(p, max_bytes) for p in items]
 
 
 def _cursor(name: str, value: object) -> int | None:
@@ -211,13 +213,13 @@ class MessageLog:
         """Append one message to ``channel``; return it with its position."""
         return (await self.append_many(channel, [payload], agent_id=agent_id))[0]
 
-    async def append_many(self, channel: str, payloads: Sequence[Any], *,
+    async def append_many(self, channel: str, payloads: Iterable[Any], *,
                           agent_id: uuid.UUID | str | None = None) -> list[Message]:
         """Append ``payloads`` to ``channel`` in one statement, in order, at consecutive
         positions (nobody else's message lands between them)."""
         channel = check_channel(channel)
         agent = None if agent_id is None else agent_uuid(agent_id)
-        encoded = check_payloads(payloads, self.max_value_bytes)
+        items, encoded = _payloads(payloads, self.max_value_bytes)
         if not encoded:
             return []
         ids = [uuid.uuid4() for _ in encoded]
@@ -227,7 +229,7 @@ class MessageLog:
         return [Message(str(i), channel, by_id[i]["position"],
                         None if agent is None else str(agent), by_id[i]["agent_position"],
                         payload, by_id[i]["created_at"])
-                for i, payload in zip(ids, payloads, strict=True)]
+                for i, payload in zip(ids, items, strict=True)]
 
     # ------------------------------------------------------------------ paging
 
@@ -300,4 +302,4 @@ class MessageLog:
 
 
 __all__ = ["APPEND", "MAX_CHANNEL", "MAX_PAGE", "Message", "MessageLog", "MessagePage",
-           "check_channel", "check_payloads"]
+           "check_channel"]

@@ -50,10 +50,12 @@ async def test_appends_get_consecutive_channel_and_agent_positions(
     assert elsewhere.position == 1 and elsewhere.channel == other
     assert {m.agent_id for m in many} == {str(agent)}
     assert await log.append_many(chat, []) == []
+    from_generator = await log.append_many(other, ({"g": g} for g in range(2)))
+    assert [(m.position, m.payload) for m in from_generator] == [(2, {"g": 0}), (3, {"g": 1})]
     # the DataStorage view appends through the same statement: its messages page here too
     store_id = await MessageLogStore(ms.pool).store(chat, {"n": 6})
     page = await log.page(chat)
-    assert [m.position for m in page.messages] == [1, 2, 3, 4, 5, 6]
+    assert [m.position for m in page.messages] == [1, 2, 3, 4, 5, 6] and len(page) == 6
     assert page.messages[-1].message_id == store_id and page.messages[-1].agent_id is None
     assert [m.payload["n"] for m in page.messages] == [0, 1, 2, 3, 4, 6]
 
