@@ -1,6 +1,6 @@
 """The runner: ``msstore bench [--scale ci|full]`` = ``benchmarks.run.main(argv)``.
 
-Runs the six comparisons of the performance issue against the servers ``msstore.connect()``
+Runs the comparisons in ``BENCHMARKS`` against the servers ``msstore.connect()``
 resolves (embedded by default, or ``MSSTORE_DATABASE_URL`` / ``MSSTORE_NATS_URL``), prints one
 table, and writes ``summary.csv``, one ``<name>.csv`` of raw samples per comparison, one PNG
 chart per comparison, ``summary.png`` and ``machine.json`` into ``out``.
