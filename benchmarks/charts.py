@@ -139,6 +139,24 @@ def read_path(frame: pd.DataFrame) -> Figure:
     return fig
 
 
+def message_log(frame: pd.DataFrame) -> Figure:
+    fig = Figure(figsize=(8, 3.4))
+    a1, a2 = fig.subplots(1, 2)
+    _bars(a1, ["keyset (after=)", "OFFSET"],
+          [frame["keyset_us"].median(), frame["offset_us"].median()], "µs per page (median)",
+          colors=["tab:blue", "tab:red"])
+    a1.set_title(f"#9 last page of {frame.attrs.get('messages', 0):,}: OFFSET "
+                 f"{_ratio(frame, 'offset_us', 'keyset_us'):.1f}× keyset", fontsize=10)
+    _bars(a2, ["MessageLog.append", "IDENTITY insert"],
+          [frame["MessageLog_us"].median(), frame["IDENTITY_us"].median()],
+          "µs per append (median)", colors=["tab:blue", "tab:gray"])
+    a2.set_title(f"#9 ordered appends cost "
+                 f"{_ratio(frame, 'MessageLog_us', 'IDENTITY_us'):.2f}× a plain insert",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def summary(table: pd.DataFrame) -> Figure:
     """Every comparison as a bar from 1× (log axis): right = the candidate is better.
 
@@ -200,4 +218,5 @@ def queue(frame: pd.DataFrame) -> Figure:
 
 
 CHARTS = {"flush": flush, "write": write, "l1": l1, "hydrate": hydrate,
-          "write_behind": write_behind, "read_path": read_path, "queue": queue}
+          "write_behind": write_behind, "read_path": read_path, "queue": queue,
+          "message_log": message_log}

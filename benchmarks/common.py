@@ -32,6 +32,7 @@ SCALES: dict[str, dict[str, int]] = {
         "read_ops": 1_500, "read_keys": 500, "read_reps": 3,
         "queue_tasks": 1_000, "queue_workers": 4, "queue_batch": 10,
         "queue_latency_tasks": 40, "queue_reps": 2,
+        "msglog_messages": 20_000, "msglog_reps": 3, "msglog_calls": 40,
     },
     "full": {
         "flush_keys": 10_000, "flush_reps": 9,
@@ -42,6 +43,7 @@ SCALES: dict[str, dict[str, int]] = {
         "read_ops": 10_000, "read_keys": 2_000, "read_reps": 5,
         "queue_tasks": 5_000, "queue_workers": 4, "queue_batch": 10,
         "queue_latency_tasks": 200, "queue_reps": 3,
+        "msglog_messages": 200_000, "msglog_reps": 5, "msglog_calls": 100,
     },
 }
 

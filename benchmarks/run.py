@@ -1,10 +1,9 @@
 """The runner: ``msstore bench [--scale ci|full]`` = ``benchmarks.run.main(argv)``.
 
-Runs the comparisons of the performance issue (1-6) and the task queue's (7) against the
-servers ``msstore.connect()`` resolves (embedded by default, or ``MSSTORE_DATABASE_URL`` /
-``MSSTORE_NATS_URL``), prints one table, and writes ``summary.csv``, one ``<name>.csv`` of
-raw samples per comparison, one PNG chart per comparison, ``summary.png`` and
-``machine.json`` into ``out``.
+Runs the comparisons in ``BENCHMARKS`` against the servers ``msstore.connect()``
+resolves (embedded by default, or ``MSSTORE_DATABASE_URL`` / ``MSSTORE_NATS_URL``), prints one
+table, and writes ``summary.csv``, one ``<name>.csv`` of raw samples per comparison, one PNG
+chart per comparison, ``summary.png`` and ``machine.json`` into ``out``.
 
 Every figure is a ratio measured side by side in the same run (see :mod:`benchmarks.common`).
 """
@@ -30,7 +29,7 @@ import pandas as pd
 
 import msstore
 
-from . import charts, flush, hydrate, l1, queue, read_path, write, write_behind
+from . import charts, flush, hydrate, l1, message_log, queue, read_path, write, write_behind
 from .common import COLUMNS, Comparison, scale_params, show_progress
 
 Bench = Callable[[msstore.Connection, dict[str, int]], Awaitable[tuple[list[Comparison],
@@ -40,6 +39,7 @@ Bench = Callable[[msstore.Connection, dict[str, int]], Awaitable[tuple[list[Comp
 BENCHMARKS: dict[int, tuple[str, Any]] = {
     1: ("flush", flush), 2: ("write", write), 5: ("write_behind", write_behind),
     3: ("l1", l1), 4: ("hydrate", hydrate), 6: ("read_path", read_path), 7: ("queue", queue),
+    9: ("message_log", message_log),
 }
 DEFAULT_OUT = Path("benchmarks/results")
 

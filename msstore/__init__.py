@@ -30,6 +30,7 @@ from .layers import (
 )
 from .lifecycle import StateLifecycleManager
 from .merge import MergeResult
+from .messages import Message, MessageLog, MessagePage
 from .repository import Agent, AgentRepository, Repository
 from .router import DataRouter, DataStorage, DataType, Hit, StorageLayer, Store
 from .tasks import ClaimedTask, TaskQueue, TaskStatus
@@ -70,6 +71,7 @@ __all__ = [
     "HybridStateManager",
     "KVStore",
     "MemoryCache",
+    "MessageLog",
     "MessageLogStore",
     "Repository",
     "SQLStore",
@@ -92,6 +94,8 @@ __all__ += [
     "HydrationResult",
     "LifecycleState",
     "MergeResult",
+    "Message",
+    "MessagePage",
     "RestoreResult",
     "TaskStatus",
     "TransitionEvent",

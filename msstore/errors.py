@@ -27,6 +27,10 @@ class InvalidValueError(MsstoreError, ValueError):
     """A value or option has the wrong shape for the layer it is routed to."""
 
 
+class InvalidCursorError(InvalidValueError):
+    """A paging cursor is not a position (an int >= 0), or ``after`` is not below ``before``."""
+
+
 class RoutingError(MsstoreError, ValueError):
     """A data type or layer is unknown, unmapped, or routed to a layer that cannot hold it."""
 
@@ -133,6 +137,7 @@ __all__ = [
     "DataRejectedError",
     "IllegalTransitionError",
     "InvalidAgentIdError",
+    "InvalidCursorError",
     "InvalidKeyError",
     "InvalidOptionError",
     "InvalidValueError",

@@ -1,40 +1,32 @@
-"""RELATIONAL_DB for MESSAGE_LOG: ``messages.log``, append-only."""
+"""RELATIONAL_DB for MESSAGE_LOG: ``messages.log``, append-only.
+
+The DataStorage view of the log. Appends go through :class:`msstore.MessageLog` (the one
+append statement, which gives each message its channel position), so messages stored here
+page there like any other.
+"""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from .._check import agent_uuid
 from .._pg import pg_errors
-from ..errors import InvalidKeyError, InvalidValueError, NotFoundError
+from ..errors import NotFoundError
+from ..messages import MessageLog, check_channel
 from ..router import DataType, Hit
 from ._common import check_limit
-from .sql import SQLStore, as_uuid, jsonb, search_filter
-
-_APPEND_MESSAGES = """
-INSERT INTO messages.log (message_id, agent_id, channel, payload)
-SELECT t.message_id, $2, $3, t.payload
-FROM unnest($1::uuid[], $4::jsonb[]) WITH ORDINALITY AS t(message_id, payload, n)
-ORDER BY t.n
-"""
+from .sql import SQLStore, as_uuid, search_filter
 
 
 class MessageLogStore(SQLStore, data_type=DataType.MESSAGE_LOG):
-    """MESSAGE_LOG in ``messages.log``: append-only, ordered by ``seq``.
+    """MESSAGE_LOG in ``messages.log``: append-only, ordered by channel position.
 
     ``store(channel, payload)`` appends and returns the new message id; ``retrieve`` and
     ``remove`` take that id. ``search("<channel>")`` returns the channel's latest ``limit``
     messages, oldest first (a chat history); ``search({...})`` the latest messages whose
     payload contains the mapping, across channels.
     """
-
-    def _channel(self, channel: object) -> str:
-        if not isinstance(channel, str) or not channel:
-            raise InvalidKeyError(f"a message-log channel must be a non-empty str, got "
-                                  f"{channel!r}")
-        return channel
 
     async def store(self, key: str, value: Any, *,
                     agent_id: uuid.UUID | str | None = None) -> str:
@@ -44,17 +36,9 @@ class MessageLogStore(SQLStore, data_type=DataType.MESSAGE_LOG):
     async def append_many(self, channel: str, payloads: Sequence[Any], *,
                           agent_id: uuid.UUID | str | None = None) -> list[str]:
         """Append several messages to ``channel`` in one statement, in order; return ids."""
-        channel = self._channel(channel)
-        agent = None if agent_id is None else agent_uuid(agent_id)
-        if isinstance(payloads, str | bytes | Mapping) or not isinstance(payloads, Iterable):
-            raise InvalidValueError(f"append_many takes a sequence of payloads, got "
-                                    f"{type(payloads).__name__}")
-        encoded = [jsonb(p, self.max_value_bytes) for p in payloads]
-        ids = [uuid.uuid4() for _ in encoded]
-        if ids:
-            with pg_errors(f"appending {len(ids)} message(s) to {channel!r}"):
-                await self._pool.execute(_APPEND_MESSAGES, ids, agent, channel, encoded)
-        return [str(i) for i in ids]
+        log = MessageLog(self._pool, max_value_bytes=self.max_value_bytes)
+        return [m.message_id for m in await log.append_many(channel, payloads,
+                                                             agent_id=agent_id)]
 
     async def retrieve(self, key: str) -> Any:
         message_id = as_uuid(key, "a message id")
@@ -73,13 +57,15 @@ class MessageLogStore(SQLStore, data_type=DataType.MESSAGE_LOG):
 
     async def search(self, query: Any, *, limit: int = 10) -> list[Hit]:
         limit = check_limit(limit)
-        channel = self._channel(query) if isinstance(query, str) else query
+        channel = check_channel(query) if isinstance(query, str) else query
         where, arg = search_filter(query, "channel", channel, "message search",
                                     self.max_value_bytes)
+        # a channel's order is its position; across channels only seq orders (roughly)
+        order = "position" if isinstance(query, str) else "seq"
         with pg_errors("searching the message log"):
             rows = await self._pool.fetch(
-                "SELECT message_id, payload FROM (SELECT message_id, payload, seq "
-                f"FROM messages.log WHERE {where} ORDER BY seq DESC LIMIT $2) t ORDER BY seq",
+                f"SELECT message_id, payload FROM (SELECT message_id, payload, {order} AS o "
+                f"FROM messages.log WHERE {where} ORDER BY {order} DESC LIMIT $2) t ORDER BY o",
                 arg, limit)
         return [Hit(str(r["message_id"]), r["payload"]) for r in rows]
 

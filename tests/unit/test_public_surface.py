@@ -13,13 +13,13 @@ from msstore import codec, errors, keys
 ENTRY_POINTS = {
     "Agent", "AgentRepository", "Connection", "DataRouter", "DataStorage", "DataType",
     "Embedder", "HashingEmbedder", "HybridStateManager", "KVStore", "MemoryCache",
-    "MessageLogStore", "Repository", "SQLStore", "StateLifecycleManager", "StorageLayer",
-    "Store", "TaskQueue", "TaskStore", "TieredCacheRepository", "VectorStore", "__version__",
-    "connect",
+    "MessageLog", "MessageLogStore", "Repository", "SQLStore", "StateLifecycleManager",
+    "StorageLayer", "Store", "TaskQueue", "TaskStore", "TieredCacheRepository", "VectorStore",
+    "__version__", "connect",
 }
 RESULTS = {
     "CacheEntry", "CacheSource", "ClaimedTask", "Hit", "HydrationResult", "LifecycleState",
-    "MergeResult", "RestoreResult", "TaskStatus", "TransitionEvent",
+    "MergeResult", "Message", "MessagePage", "RestoreResult", "TaskStatus", "TransitionEvent",
 }
 MOVED = {"dumps": codec, "loads": codec, "join_key": keys, "split_key": keys,
          "encode_key": keys, "decode_key": keys, "encode_token": keys}
