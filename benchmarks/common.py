@@ -30,6 +30,7 @@ SCALES: dict[str, dict[str, int]] = {
         "hydrate_keys": 1_000, "hydrate_reps": 3,
         "wb_writes": 3_000, "wb_keys": 100, "wb_reps": 1,
         "read_ops": 1_500, "read_keys": 500, "read_reps": 3,
+        "kb_passages": 2_000, "kb_queries": 50,
     },
     "full": {
         "flush_keys": 10_000, "flush_reps": 9,
@@ -38,6 +39,7 @@ SCALES: dict[str, dict[str, int]] = {
         "hydrate_keys": 1_000, "hydrate_reps": 7,
         "wb_writes": 10_000, "wb_keys": 100, "wb_reps": 3,
         "read_ops": 10_000, "read_keys": 2_000, "read_reps": 5,
+        "kb_passages": 10_000, "kb_queries": 200,
     },
 }
 

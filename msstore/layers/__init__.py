@@ -18,17 +18,13 @@ wherever it is routed.
 from __future__ import annotations
 
 from ..errors import InvalidValueError
+from .embedders import Embedder, HashingEmbedder, MiniLMEmbedder
 from .kv import KVStore
 from .memory import MemoryCache
 from .messages import MessageLogStore
 from .sql import SQLStore
 from .tasks import TaskStore
-from .vectors import (
-    Embedder,
-    HashingEmbedder,
-    VectorStore,
-    pgvector_missing_message,
-)
+from .vectors import VectorStore, pgvector_missing_message
 
 __all__ = [
     "Embedder",
@@ -37,6 +33,7 @@ __all__ = [
     "KVStore",
     "MemoryCache",
     "MessageLogStore",
+    "MiniLMEmbedder",
     "SQLStore",
     "TaskStore",
     "VectorStore",

@@ -13,6 +13,7 @@ from msstore import codec, errors, keys
 ENTRY_POINTS = {
     "Agent", "AgentRepository", "Connection", "DataRouter", "DataStorage", "DataType",
     "Embedder", "HashingEmbedder", "HybridStateManager", "KVStore", "MemoryCache",
+    "MiniLMEmbedder",
     "MessageLogStore", "Repository", "SQLStore", "StateLifecycleManager", "StorageLayer",
     "Store", "TaskStore", "TieredCacheRepository", "VectorStore", "__version__", "connect",
 }
