@@ -3,8 +3,8 @@
 ``import msstore`` needs asyncpg, nats-py, orjson and the two server wheels; pandas and numpy
 back only the metrics DataFrames and the notebooks' workloads, and the real embedding model
 (:class:`~msstore.layers.embedders.MiniLMEmbedder`) needs the ``knowledge`` extra. Without
-them those features raise :class:`~msstore.errors.MissingExtraError` naming the extra to install, instead of a
-bare ``ModuleNotFoundError`` from deep inside msstore.
+them those features raise :class:`~msstore.errors.MissingExtraError` naming the extra to
+install, instead of a bare ``ModuleNotFoundError`` from deep inside msstore.
 """
 
 from __future__ import annotations
