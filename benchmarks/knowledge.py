@@ -126,7 +126,8 @@ async def recall_and_latency(store: msstore.VectorStore, queries: Sequence[str],
             us[side] = (time.perf_counter() - t0) * 1e6
             got[side] = [h.key for h in hits]
         rows.append({"query": i, "recall": len(set(got["hnsw"]) & set(got["exact"])) / k,
-                     "hnsw_us": us["hnsw"], "exact_us": us["exact"]})
+                     "hnsw_us": us["hnsw"], "exact_us": us["exact"],
+                     "hnsw_hits": len(got["hnsw"]), "exact_hits": len(got["exact"])})
     return pd.DataFrame(rows)
 
 

@@ -7,7 +7,7 @@ MEMORY_CACHE       :class:`MemoryCache`             keys starting with ``query``
 DISTRIBUTED_KV     :class:`KVStore`                 keys starting with ``query`` (a listing)
 RELATIONAL_DB      :class:`TaskStore`               ``str``: status; mapping: JSONB ``@>``
 RELATIONAL_DB      :class:`MessageLogStore`         ``str``: channel; mapping: JSONB ``@>``
-VECTOR_STORE       :class:`VectorStore`             free text, ranked by cosine similarity
+VECTOR_STORE       :class:`VectorStore`             free text, ranked by cosine (HNSW)
 =================  ===============================  =========================================
 
 Every layer but the in-process cache encodes values with :func:`msstore.codec.dumps` before

@@ -1,4 +1,10 @@
-"""VECTOR_STORE: KNOWLEDGE_BASE in ``knowledge.documents`` (pgvector embeddings, JSONB values)."""
+"""VECTOR_STORE: KNOWLEDGE_BASE in ``knowledge.documents`` (pgvector embeddings, JSONB values).
+
+Search by vector (HNSW, migration 009, or exact), with JSONB filters in the same statement,
+and hybrid search (vector + PostgreSQL full text, reciprocal rank fusion). Needs pgvector >= 0.8
+(iterative index scans): the embedded server and docker-compose's pgvector image have it.
+Embedders live in :mod:`msstore.layers.embedders`.
+"""
 
 from __future__ import annotations
 
