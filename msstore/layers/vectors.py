@@ -189,6 +189,7 @@ class VectorStore:
         check_key(collection)
         _check_embedder(embedder)
         _check_bool("offload_embedding", offload_embedding)
+        positive_int("ef_search", ef_search)
         with pg_errors("checking for pgvector"):
             row = await ms.pool.fetchrow(
                 "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'vector') AS ext, "
@@ -343,6 +344,7 @@ class VectorStore:
     async def explain(self, query: str, *, exact: bool = False,
                       where: Mapping[str, Any] | None = None) -> list[str]:
         """PostgreSQL's plan of :meth:`search` (``EXPLAIN ANALYZE``), to see the index in use."""
+        _check_bool("exact", exact)
         q = await self._query(query, where)
         if q is None:
             return []
