@@ -15,6 +15,8 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .common import percentile
+
 
 def _ratio(frame: pd.DataFrame, candidate: str, baseline: str) -> float:
     """Median of the per-repetition ratios: the figure the benchmark's table reports."""
@@ -217,6 +219,24 @@ def queue(frame: pd.DataFrame) -> Figure:
     return fig
 
 
+def knowledge(frame: pd.DataFrame) -> Figure:
+    """Recall per query (HNSW vs exact) and the latency of both, p50 and p99."""
+    fig = Figure(figsize=(9, 3.4))
+    a1, a2 = fig.subplots(1, 2)
+    a1.hist(frame["recall"], bins=[x / 10 for x in range(12)], color="tab:blue")
+    a1.set_title(f"#8 recall@10 per query: mean {frame['recall'].mean():.3f} "
+                 f"({len(frame)} queries)", fontsize=10)
+    a1.set_xlabel("recall@10 of HNSW against exact")
+    a1.set_ylabel("queries")
+    values = [percentile(list(frame[c]), q) for c in ("hnsw_us", "exact_us") for q in (50, 99)]
+    _bars(a2, ["HNSW p50", "HNSW p99", "exact p50", "exact p99"], [v / 1000 for v in values],
+          "search latency (ms)", colors=["tab:blue", "tab:blue", "tab:orange", "tab:orange"])
+    a2.set_title(f"#8 search latency: HNSW p50 {values[0] / 1000:.2f} ms, "
+                 f"exact {values[2] / 1000:.2f} ms", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 CHARTS = {"flush": flush, "write": write, "l1": l1, "hydrate": hydrate,
           "write_behind": write_behind, "read_path": read_path, "queue": queue,
-          "message_log": message_log}
+          "knowledge": knowledge, "message_log": message_log}

@@ -33,6 +33,7 @@ SCALES: dict[str, dict[str, int]] = {
         "queue_tasks": 1_000, "queue_workers": 4, "queue_batch": 10,
         "queue_latency_tasks": 40, "queue_reps": 2,
         "msglog_messages": 20_000, "msglog_reps": 3, "msglog_calls": 40,
+        "kb_passages": 2_000, "kb_queries": 50,
     },
     "full": {
         "flush_keys": 10_000, "flush_reps": 9,
@@ -44,6 +45,7 @@ SCALES: dict[str, dict[str, int]] = {
         "queue_tasks": 5_000, "queue_workers": 4, "queue_batch": 10,
         "queue_latency_tasks": 200, "queue_reps": 3,
         "msglog_messages": 200_000, "msglog_reps": 5, "msglog_calls": 100,
+        "kb_passages": 10_000, "kb_queries": 200,
     },
 }
 

@@ -29,7 +29,18 @@ import pandas as pd
 
 import msstore
 
-from . import charts, flush, hydrate, l1, message_log, queue, read_path, write, write_behind
+from . import (
+    charts,
+    flush,
+    hydrate,
+    knowledge,
+    l1,
+    message_log,
+    queue,
+    read_path,
+    write,
+    write_behind,
+)
 from .common import COLUMNS, Comparison, scale_params, show_progress
 
 Bench = Callable[[msstore.Connection, dict[str, int]], Awaitable[tuple[list[Comparison],
@@ -39,7 +50,7 @@ Bench = Callable[[msstore.Connection, dict[str, int]], Awaitable[tuple[list[Comp
 BENCHMARKS: dict[int, tuple[str, Any]] = {
     1: ("flush", flush), 2: ("write", write), 5: ("write_behind", write_behind),
     3: ("l1", l1), 4: ("hydrate", hydrate), 6: ("read_path", read_path), 7: ("queue", queue),
-    9: ("message_log", message_log),
+    8: ("knowledge", knowledge), 9: ("message_log", message_log),
 }
 DEFAULT_OUT = Path("benchmarks/results")
 
@@ -133,6 +144,8 @@ def _fmt(v: float, unit: str) -> str:
         return f"{v * 1000:,.1f} ms"
     if unit in ("µs", "ns"):
         return f"{v:,.1f} {unit}"
+    if unit == "share":
+        return f"{v:.3f}"
     return f"{v:,.0f} {unit}"
 
 
@@ -140,6 +153,8 @@ def _ratio(ratio: float, unit: str) -> str:
     """candidate/baseline in words: "11.1× faster", "1.32× slower", "25.9× fewer"."""
     if ratio is None or math.isnan(ratio) or ratio <= 0:
         return "–"
+    if unit == "share":  # recall, miss rates: the plain ratio reads best
+        return f"{ratio:,.3f}×"
     better, worse = ("fewer", "more") if unit in ("rows", "tx") else ("faster", "slower")
     return f"{1 / ratio:,.2f}× {better}" if ratio <= 1 else f"{ratio:,.2f}× {worse}"
 

@@ -7,7 +7,7 @@ MEMORY_CACHE       :class:`MemoryCache`             keys starting with ``query``
 DISTRIBUTED_KV     :class:`KVStore`                 keys starting with ``query`` (a listing)
 RELATIONAL_DB      :class:`TaskStore`               ``str``: status; mapping: JSONB ``@>``
 RELATIONAL_DB      :class:`MessageLogStore`         ``str``: channel; mapping: JSONB ``@>``
-VECTOR_STORE       :class:`VectorStore`             free text, ranked by cosine similarity
+VECTOR_STORE       :class:`VectorStore`             free text, ranked by cosine (HNSW)
 =================  ===============================  =========================================
 
 Every layer but the in-process cache encodes values with :func:`msstore.codec.dumps` before
@@ -18,17 +18,13 @@ wherever it is routed.
 from __future__ import annotations
 
 from ..errors import InvalidValueError
+from .embedders import Embedder, HashingEmbedder, MiniLMEmbedder
 from .kv import KVStore
 from .memory import MemoryCache
 from .messages import MessageLogStore
 from .sql import SQLStore
 from .tasks import TaskStore
-from .vectors import (
-    Embedder,
-    HashingEmbedder,
-    VectorStore,
-    pgvector_missing_message,
-)
+from .vectors import VectorStore, pgvector_missing_message
 
 __all__ = [
     "Embedder",
@@ -37,6 +33,7 @@ __all__ = [
     "KVStore",
     "MemoryCache",
     "MessageLogStore",
+    "MiniLMEmbedder",
     "SQLStore",
     "TaskStore",
     "VectorStore",

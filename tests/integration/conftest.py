@@ -12,6 +12,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -85,6 +86,27 @@ async def ms(database_url: str, endpoints: services.Endpoints) -> AsyncIterator[
 def unique() -> Callable[[str], str]:
     """``unique("bucket")`` -> ``bucket_3f9a0c1d_ab12cd``: names that never collide."""
     return lambda prefix="t": f"{prefix}_{uuid.uuid4().hex[:8]}_{_RUN}"
+
+
+@pytest.fixture
+async def open_vectors(ms: msstore.Connection, lane: str, unique: Callable[[str], str]
+                       ) -> Callable[..., Any]:
+    """``await open_vectors(embedder=...)``: a VectorStore on a collection of its own.
+
+    Skips where pgvector is missing (the external PostgreSQL 15 has none), saying so; on the
+    embedded server, which ships pgvector, its absence fails the test.
+    """
+
+    async def make(**options: Any) -> msstore.VectorStore:
+        options.setdefault("collection", unique("kb"))
+        try:
+            return await msstore.VectorStore.open(ms, **options)
+        except msstore.StoreUnavailableError as e:
+            if lane == "embedded":
+                raise
+            pytest.skip(str(e))
+
+    return make
 
 
 @pytest.fixture(scope="module")

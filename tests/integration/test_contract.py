@@ -199,6 +199,8 @@ def good_calls(cls: str, c: Ctx) -> dict[str, list[Call]]:
         "VectorStore": {
             "store": one("doc", "some words"), "store_many": one({"d2": "more words"}),
             "retrieve": one("doc"), "remove": one("doc"), "search": one("words"),
+            "hybrid_search": one("words"), "explain": one("words"), "embedders": one(),
+            "embedder_name": one(), "indexed": one(),
             "open": one(ms, collection=c.unique("kb"))},
         "MemoryCache": {
             "get": one("k", None), "peek": one("k"), "set": one("k", 1), "delete": one("k"),
@@ -344,8 +346,16 @@ def bad_calls(cls: str, c: Ctx) -> dict[str, list[Bad]]:
             "remove": [((5,), {}, InvalidKeyError)],
             "search": [((5,), {}, InvalidValueError),
                        (("q",), {"limit": 0}, InvalidOptionError),
-                       (("words",), {"where": [1]}, InvalidValueError)],
+                       (("words",), {"where": [1]}, InvalidValueError),
+                       (("words",), {"exact": "yes"}, InvalidOptionError)],
+            "hybrid_search": [((5,), {}, InvalidValueError),
+                              (("q",), {"candidates": 0}, InvalidOptionError),
+                              (("q",), {"k": -1}, InvalidOptionError),
+                              (("words",), {"where": "x"}, InvalidValueError)],
+            "explain": [((5,), {}, InvalidValueError),
+                        (("words",), {"where": [1]}, InvalidValueError)],
             "open": [((ms,), {"collection": ""}, InvalidKeyError),
+                     ((ms,), {"ef_search": 0}, InvalidOptionError),
                      ((ms,), {"embedder": "x"}, InvalidOptionError),
                      ((ms,), {"offload_embedding": "yes"}, InvalidOptionError)],
         },
@@ -634,7 +644,7 @@ async def test_a_closed_connection_is_typed(database_url: str,
         if method == "start":
             return NotOpenError  # started already
         if cls in ("TaskStore", "MessageLogStore", "VectorStore", "KVStore") and method not in (
-                "for_data_type",):
+                "for_data_type", "embedder_name", "indexed"):  # those two are in memory
             return StoreUnavailableError
         return None
 
@@ -646,7 +656,7 @@ NEEDS_PG = {("TaskStore", m) for m in ("store", "store_many", "retrieve", "remov
                                        "purge_expired")} | \
     {("MessageLogStore", m) for m in ("store", "append_many", "retrieve", "remove", "search")} | \
     {("VectorStore", m) for m in ("open", "store", "store_many", "retrieve", "remove",
-                                  "search")} | \
+                                  "search", "hybrid_search", "explain", "embedders")} | \
     {("StateLifecycleManager", m) for m in ("write_state", "read_state", "remove_state",
                                             "hydrate_agent", "checkpoint", "restore")} | \
     {("AgentRepository", "find"), ("Store", "open")}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -316,14 +316,9 @@ def test_hashing_embedder_is_deterministic_and_normalised() -> None:
 
 
 @pytest.fixture
-async def vectors(ms: msstore.Connection, lane: str, unique: Unique) -> VectorStore:
+async def vectors(open_vectors: Callable[..., Awaitable[VectorStore]]) -> VectorStore:
     """A VectorStore on a collection of its own; skipped where pgvector is missing."""
-    try:
-        return await VectorStore.open(ms, collection=unique("kb"))
-    except StoreUnavailableError as e:
-        if lane == "embedded":
-            raise  # the embedded server ships pgvector: its absence is a bug
-        pytest.skip(str(e))
+    return await open_vectors()
 
 
 async def test_vector_store_says_when_pgvector_is_missing(ms: msstore.Connection) -> None:
@@ -417,7 +412,10 @@ async def test_a_custom_embedder_plugs_in(ms: msstore.Connection, vectors: Vecto
     await store.store_many({"r": "red red", "g": "green", "rg": "red green"})
     assert [h.key for h in await store.search("red")] == ["r", "rg", "g"]
     # one collection, two dimensions: a typed error, not a server traceback
+    # one collection, two embedders: each compares only with its own rows (no server error)
     mixed = VectorStore(ms.pool, collection=store.collection)
-    await mixed.store("h", "hashed words")
-    with pytest.raises(InvalidValueError, match="another dimension"):
-        await store.search("red")
+    await mixed.store("h", "hashed words red")
+    assert [h.key for h in await store.search("red")] == ["r", "rg", "g"]
+    assert [h.key for h in await mixed.search("red")] == ["h"]
+    assert await store.embedders() == {"hashing-256": 1,
+                                       f"{TinyEmbedder.__module__}.TinyEmbedder/3": 3}

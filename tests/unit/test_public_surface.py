@@ -13,9 +13,9 @@ from msstore import codec, errors, keys
 ENTRY_POINTS = {
     "Agent", "AgentRepository", "Connection", "DataRouter", "DataStorage", "DataType",
     "Embedder", "HashingEmbedder", "HybridStateManager", "KVStore", "MemoryCache",
-    "MessageLog", "MessageLogStore", "Repository", "SQLStore", "StateLifecycleManager",
-    "StorageLayer", "Store", "TaskQueue", "TaskStore", "TieredCacheRepository", "VectorStore",
-    "__version__", "connect",
+    "MessageLog", "MessageLogStore", "MiniLMEmbedder", "Repository", "SQLStore",
+    "StateLifecycleManager", "StorageLayer", "Store", "TaskQueue", "TaskStore",
+    "TieredCacheRepository", "VectorStore", "__version__", "connect",
 }
 RESULTS = {
     "CacheEntry", "CacheSource", "ClaimedTask", "Hit", "HydrationResult", "LifecycleState",
