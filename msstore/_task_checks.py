@@ -1,4 +1,5 @@
-"""TaskQueue's statuses, the checks of its inputs and the words of its refusals (no I/O).
+"""TaskQueue's value types (statuses, a claimed task), the checks of its inputs and the
+words of its refusals (no I/O).
 
 Each check returns the value it was given (or its normalised form) and raises
 :class:`~msstore.errors.InvalidValueError` saying what to pass instead.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import enum
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -94,5 +96,35 @@ def lease_lost_message(what: str, tid: uuid.UUID, worker_id: str,
             "— drop the task, another worker may be running it")
 
 
-__all__ = ["TaskStatus", "check_attempts", "check_priority", "check_task_type", "check_types",
-           "check_when", "check_worker", "lease_lost_message"]
+@dataclass(frozen=True, slots=True)
+class ClaimedTask:
+    """A task leased to a worker until ``lease_expires_at`` (the database's clock)."""
+
+    task_id: str
+    task_type: str
+    payload: Any
+    priority: int
+    attempt: int  # 1 for the first claim; a retry or a reclaimed lease counts up
+    max_attempts: int
+    created_at: datetime
+    lease_expires_at: datetime
+
+
+def claimed_task(r: asyncpg.Record) -> ClaimedTask:
+    return ClaimedTask(str(r["task_id"]), r["task_type"], r["payload"], r["priority"],
+                       r["attempts"], r["max_attempts"], r["created_at"],
+                       r["lease_expires_at"])
+
+
+__all__ = [
+    "ClaimedTask",
+    "TaskStatus",
+    "check_attempts",
+    "check_priority",
+    "check_task_type",
+    "check_types",
+    "check_when",
+    "check_worker",
+    "claimed_task",
+    "lease_lost_message",
+]

@@ -31,7 +31,6 @@ import contextlib
 import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
@@ -42,6 +41,7 @@ from ._extras import needs_extra
 from ._managed import Managed
 from ._pg import pg_errors
 from ._task_checks import (
+    ClaimedTask,
     TaskStatus,
     check_attempts,
     check_priority,
@@ -49,6 +49,7 @@ from ._task_checks import (
     check_types,
     check_when,
     check_worker,
+    claimed_task,
     lease_lost_message,
 )
 from .codec import MAX_VALUE_BYTES
@@ -64,20 +65,6 @@ if TYPE_CHECKING:
 
 #: The channel every enqueue notifies (payload: the task type).
 CHANNEL: Final = "msstore_tasks"
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimedTask:
-    """A task leased to a worker until ``lease_expires_at`` (the database's clock)."""
-
-    task_id: str
-    task_type: str
-    payload: Any
-    priority: int
-    attempt: int  # 1 for the first claim; a retry or a reclaimed lease counts up
-    max_attempts: int
-    created_at: datetime
-    lease_expires_at: datetime
 
 
 _ENQUEUE = f"""
@@ -300,7 +287,7 @@ class TaskQueue(Managed):
         while True:
             generation = self._generation  # before the claim: a notify during it counts
             rows = await self._claim_once(worker_id, kinds, limit, lease)
-            tasks = [_claimed(r) for r in rows if r["status"] == TaskStatus.RUNNING]
+            tasks = [claimed_task(r) for r in rows if r["status"] == TaskStatus.RUNNING]
             if len(rows) == limit:
                 self._wake_one(wanted)  # a full batch: there may be more, pass it on
             if tasks or deadline is None:
@@ -450,13 +437,6 @@ class TaskQueue(Managed):
         columns = ["task_type", "status", "tasks", "attempts", "max_attempts", "not_due",
                    "lease_run_out", "expired"]
         return pd.DataFrame([dict(r) for r in rows], columns=columns)
-
-
-def _claimed(r: asyncpg.Record) -> ClaimedTask:
-    return ClaimedTask(str(r["task_id"]), r["task_type"], r["payload"], r["priority"],
-                       r["attempts"], r["max_attempts"], r["created_at"],
-                       r["lease_expires_at"])
-
 
 
 __all__ = ["CHANNEL", "ClaimedTask", "TaskQueue", "TaskStatus"]
