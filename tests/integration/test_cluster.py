@@ -325,3 +325,34 @@ async def test_another_process_l1_sees_a_write_within_1_s_after_a_leader_change(
         print(f"\nA's write -> B's find after the leader change: "
               f"{', '.join(f'{s * 1e3:.1f} ms' for s in latencies)}")
         assert b.counters["leader_changes"] >= 1
+
+
+async def test_the_whole_cluster_killed_and_restarted_keeps_every_acknowledged_write(
+        ms: msstore.Connection, healthy: Path, unique: Callable[[str], str]) -> None:
+    """All three nodes killed -9 with writes in KV not yet flushed; R3 files kept."""
+    bucket = unique("whole")
+    agent = uuid.uuid4()
+    async with msstore.connect(ms.database_url, url(healthy), migrate=False) as conn:
+        # flushes only when asked: the writes are in KV and the log, not in PostgreSQL
+        async with HybridStateManager(conn, bucket=bucket, flush_threshold=10**6,
+                                      flush_interval=3600, close_timeout=None) as hsm:
+            acked = {f"k{i}": await hsm.write_state(agent, f"k{i}", {"i": i})
+                     for i in range(300)}
+            assert await conn.pool.fetchval(
+                "SELECT count(*) FROM agents.state WHERE agent_id = $1", agent) == 0
+            for node in nodes(healthy):
+                _nats_cluster.stop_node(node, signal.SIGKILL)
+            await restart_dead_nodes(healthy)
+            async with asyncio.timeout(120):
+                while True:  # until the client is back and the bucket has a leader
+                    try:
+                        await hsm.flush()
+                        break
+                    except msstore.StoreUnavailableError:
+                        await asyncio.sleep(0.2)
+            rows = await conn.pool.fetch(
+                "SELECT key, value, version FROM agents.state WHERE agent_id = $1", agent)
+            assert {r["key"]: (r["value"], r["version"]) for r in rows} == {
+                k: ({"i": int(k[1:])}, rev) for k, rev in acked.items()}
+            kv = await conn.js.key_value(bucket)
+            assert {k: (await kv.get(join_key(str(agent), k))).revision for k in acked} == acked
