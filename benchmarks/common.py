@@ -34,6 +34,7 @@ SCALES: dict[str, dict[str, int]] = {
         "queue_latency_tasks": 40, "queue_reps": 2,
         "msglog_messages": 20_000, "msglog_reps": 3, "msglog_calls": 40,
         "kb_passages": 2_000, "kb_queries": 50,
+        "cluster_write_ops": 300, "cluster_flush_keys": 2_000, "cluster_reps": 1,
     },
     "full": {
         "flush_keys": 10_000, "flush_reps": 9,
@@ -46,6 +47,7 @@ SCALES: dict[str, dict[str, int]] = {
         "queue_latency_tasks": 200, "queue_reps": 3,
         "msglog_messages": 200_000, "msglog_reps": 5, "msglog_calls": 100,
         "kb_passages": 10_000, "kb_queries": 200,
+        "cluster_write_ops": 2_000, "cluster_flush_keys": 10_000, "cluster_reps": 3,
     },
 }
 

@@ -31,6 +31,7 @@ import msstore
 
 from . import (
     charts,
+    cluster,
     flush,
     hydrate,
     knowledge,
@@ -50,7 +51,7 @@ Bench = Callable[[msstore.Connection, dict[str, int]], Awaitable[tuple[list[Comp
 BENCHMARKS: dict[int, tuple[str, Any]] = {
     1: ("flush", flush), 2: ("write", write), 5: ("write_behind", write_behind),
     3: ("l1", l1), 4: ("hydrate", hydrate), 6: ("read_path", read_path), 7: ("queue", queue),
-    8: ("knowledge", knowledge), 9: ("message_log", message_log),
+    8: ("knowledge", knowledge), 9: ("message_log", message_log), 11: ("cluster", cluster),
 }
 DEFAULT_OUT = Path("benchmarks/results")
 

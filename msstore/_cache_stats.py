@@ -24,7 +24,9 @@ COUNTERS: Final = (
     "coalesced", "not_found", "errors", "loads", "stale_loads", "evictions", "expirations",
     "notifications", "invalidations", "puts", "kv_races",
     # disconnect/reconnect: L1 emptied, watches rebuilt; writes whose outcome is unknown
-    "l1_resets", "rewatches", "failed_writes")
+    "l1_resets", "rewatches", "failed_writes",
+    # a cluster's bucket got a new stream leader (its watch is rebuilt)
+    "leader_changes")
 
 
 class TierStats:

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import nats.errors
@@ -43,10 +43,12 @@ LOG_PREFIX: Final = "MSLOG_"
 
 @dataclass(frozen=True, slots=True)
 class LogRef:
-    """One durability log: the stream name and the KV incarnation it copies."""
+    """One durability log: the stream name, the KV incarnation it copies, and whether its
+    replicas answer direct gets (an R1 log only: a follower may lag behind its leader)."""
 
     name: str
     epoch: int
+    direct: bool = field(default=True, compare=False)
 
 
 def log_name(bucket: str, epoch: int) -> str:
@@ -60,14 +62,16 @@ async def ensure_log(js: JetStreamContext, bucket: str) -> LogRef:
     so writes acknowledged before the log existed are not missed.
     """
     kv_info = await js.stream_info(kv_stream(bucket))
-    ref = LogRef(log_name(bucket, stream_epoch(kv_info)), stream_epoch(kv_info))
+    replicas = kv_info.config.num_replicas or 1
+    ref = LogRef(log_name(bucket, stream_epoch(kv_info)), stream_epoch(kv_info), replicas == 1)
     try:
-        await js.stream_info(ref.name)
+        info = await js.stream_info(ref.name)
+        return LogRef(ref.name, ref.epoch, bool(info.config.allow_direct))
     except nats.js.errors.NotFoundError:
         config = StreamConfig(
             name=ref.name, sources=[StreamSource(name=kv_stream(bucket))],
-            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, allow_direct=True,
-            num_replicas=kv_info.config.num_replicas,
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+            allow_direct=replicas == 1, num_replicas=replicas,
             description=f"msstore durability log of {kv_stream(bucket)} (epoch {ref.epoch})")
         with contextlib.suppress(nats.js.errors.BadRequestError):  # another process won
             await js.add_stream(config)
@@ -82,7 +86,7 @@ async def older_logs(js: JetStreamContext, bucket: str, current: LogRef) -> list
         name = info.config.name or ""
         tail = name[len(prefix):]
         if name.startswith(prefix) and tail.isdigit() and name != current.name:
-            refs.append(LogRef(name, int(tail)))
+            refs.append(LogRef(name, int(tail), bool(info.config.allow_direct)))
     return sorted(refs, key=lambda r: r.epoch)
 
 
@@ -98,7 +102,7 @@ async def retire_log(js: JetStreamContext, ref: LogRef) -> None:
 async def last_logged(js: JetStreamContext, ref: LogRef, subject: str) -> Msg | None:
     """The latest logged change of ``subject`` (None if the log holds none)."""
     try:
-        raw = await js.get_last_msg(ref.name, subject, direct=True)
+        raw = await js.get_last_msg(ref.name, subject, direct=ref.direct)
     except nats.js.errors.NotFoundError:
         return None
     return raw  # type: ignore[return-value]  # RawStreamMsg: .headers, .data, .seq

@@ -22,6 +22,9 @@ Why the reconnect path: nats-py rebuilds an ordered consumer only after two miss
 heartbeats (5 s each), so without it another process' L1 served old values for 5–6 s after
 a NATS restart. Changes made while the watch was down are never replayed (deliver NEW), which
 is why L1 is emptied, and loads that began before the new watch existed may not install.
+On a cluster the watch's consumer lives with the stream's leader: when another node is
+elected (``$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.KV_<bucket>``) the watch is rebuilt and L1
+distrusted the same way, without waiting for heartbeats.
 Not covered: a silent network partition (no TCP reset) is noticed only when nats-py's pings
 fail, and L1 is trusted until then.
 """
@@ -49,6 +52,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("msstore.cache")
 
+#: JetStream's advisory when a stream (here ``KV_<bucket>``) gets a new leader
+LEADER_ELECTED = "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED."
 #: how often the keeper looks for a rebuild nobody woke it for (it is woken on reconnect)
 KEEPER_INTERVAL = 30.0
 
@@ -76,6 +81,7 @@ class KVWatch:
         self.seen_revision = 0
         self._seen = asyncio.Event()  # set (and replaced) when seen_revision grows
         self._sub: Any = None
+        self._leader_sub: Any = None
         # L1 trust across NATS outages: installs need trusted and an unchanged epoch
         self.epoch = 0
         self.trusted = True
@@ -102,6 +108,11 @@ class KVWatch:
         if not self.enabled:
             return
         self._sub = await self._subscribe()
+        nc = getattr(self.ms, "nc", None)  # (a unit test's fake connection has none)
+        if nc is not None:
+            with kv_errors(f"follow the leader of bucket {self.bucket!r}"):
+                self._leader_sub = await nc.subscribe(
+                    LEADER_ELECTED + _nats.kv_stream(self.bucket), cb=self._on_leader)
         self._keeper = Worker(f"cache-watch-{self.bucket}", self._keep, interval=KEEPER_INTERVAL,
                               base_backoff=0.05, max_backoff=1.0)
         self._keeper.start()
@@ -119,9 +130,10 @@ class KVWatch:
         self.stop_listening()
         if self._keeper is not None:
             await self._keeper.stop()
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        for sub in (self._sub, self._leader_sub):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
         self._seen.set()
 
     # ---------------------------------------------------------------- changes
@@ -185,6 +197,14 @@ class KVWatch:
             self._rewatch = True
             if self._keeper is not None:  # else start() wakes it
                 self._keeper.wake.set()
+
+    async def _on_leader(self, msg: Msg) -> None:
+        """A new stream leader: the watch's consumer may be gone with the old one."""
+        self.counters["leader_changes"] += 1
+        self._distrust()
+        self._rewatch = True
+        if self._keeper is not None:
+            self._keeper.wake.set()
 
     async def _subscribe(self) -> Any:
         assert self.ms is not None

@@ -22,7 +22,7 @@ from .errors import MsstoreError
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    endpoints = services.up()
+    endpoints = services.up(nats_nodes=args.nats_nodes, nats_sync=args.nats_sync)
     for info in (endpoints.postgres, endpoints.nats):
         print(f"{info.name:<9} {info.url}  (pid {info.pid})")
     return 0
@@ -55,6 +55,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         data = f"  data {row['data']}" if row.get("data") else ""
         print(f"{row['server']:<9} {row['mode']:<9} {row['health']:<11} {row['version']:<28} "
               f"{row['url']}{pid}{data}")
+        for node in row.get("nodes") or []:  # type: ignore[attr-defined]
+            lead = "  meta leader" if node["meta_leader"] else ""
+            npid = f" pid {node['pid']}" if node["pid"] else ""
+            print(f"  {node['server_name']:<12} {node['health']:<6} {node['url']}{npid}{lead}")
     if not healthy:
         down = [str(r["server"]) for r in rows if r["health"] not in services.HEALTHY]
         print(f"msstore: not answering: {', '.join(down)}; `msstore up` starts the embedded "
@@ -194,7 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, title="commands",
                                 metavar="{" + ",".join(PUBLIC_COMMANDS) + "}")
-    sub.add_parser("up", help="start the embedded servers (idempotent)").set_defaults(
+    up = sub.add_parser("up", help="start the embedded servers (idempotent)")
+    up.add_argument("--nats-nodes", type=int, default=None, metavar="N",
+                    help="run NATS as an N-node JetStream cluster on loopback (3 survives one "
+                         "node lost; default: MSSTORE_NATS_NODES, else as last time, else 1)")
+    up.add_argument("--nats-sync", choices=["default", "always"], default=None,
+                    help="'always': every node fsyncs before acknowledging a write "
+                         "(default: MSSTORE_NATS_SYNC, else as last time)")
+    up.set_defaults(
         func=_cmd_up)
     down = sub.add_parser("down", help="stop the embedded servers")
     down.add_argument("--purge", action="store_true",

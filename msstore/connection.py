@@ -178,11 +178,17 @@ def _source(given: str | None, var: str, info: ServerInfo) -> str:
 
 
 def _check_scheme(url: str, schemes: tuple[str, ...], what: str, where: str) -> None:
-    scheme = urlsplit(url).scheme
-    if scheme not in schemes:
-        raise InvalidOptionError(
-            f"{what} URL {url!r} has scheme {scheme + '://' if scheme else 'none'}; expected "
-            f"{' or '.join(s + '://' for s in schemes)} (fix {where})")
+    for one in nats_servers(url) if what == "NATS" else [url]:
+        scheme = urlsplit(one).scheme
+        if scheme not in schemes:
+            raise InvalidOptionError(
+                f"{what} URL {one!r} has scheme {scheme + '://' if scheme else 'none'}; "
+                f"expected {' or '.join(s + '://' for s in schemes)} (fix {where})")
+
+
+def nats_servers(url: str) -> list[str]:
+    """The server URLs of ``MSSTORE_NATS_URL``: one, or a cluster's, comma-separated."""
+    return [u.strip() for u in url.split(",") if u.strip()]
 
 
 def _cause(e: BaseException, timeout: float) -> str:
@@ -240,7 +246,7 @@ async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool
 
     try:
         await asyncio.wait_for(
-            nc.connect(endpoints.nats_url,
+            nc.connect(nats_servers(endpoints.nats_url),
                        connect_timeout=connect_timeout,  # type: ignore[arg-type]  # is float
                        max_reconnect_attempts=FIRST_CONNECT_RETRIES,
                        reconnect_time_wait=FIRST_CONNECT_WAIT,  # type: ignore[arg-type]

@@ -38,14 +38,23 @@ import nats.errors
 from nats.js.kv import KeyValue
 
 from . import _nats
-from ._check import agent_uuid
+from ._check import agent_uuid, positive_seconds
 from ._managed import Managed
 from ._pg import pg_errors
 from ._readthrough import KVRead, read_through
 from .codec import dumps, loads, reencode
 from .errors import NotFoundError
 from .keys import join_key
-from .kv import check_bucket_name, ensure_bucket, nats_error, nats_errors
+from .kv import (
+    DEFAULT_LEADER_WAIT,
+    NOT_STORED,
+    check_bucket_name,
+    check_replicas,
+    ensure_bucket,
+    nats_error,
+    nats_errors,
+    retry_not_stored,
+)
 from .merge import READ_VALUE_TEXT, StateChange
 
 if TYPE_CHECKING:
@@ -89,9 +98,13 @@ class StateEngine:
 
     def __init__(self, ms: Connection, *, bucket: str, sql_timeout: float,
                  counters: dict[str, int] | None = None,
-                 after_load: Callable[[uuid.UUID, str], Awaitable[None]] | None = None) -> None:
+                 after_load: Callable[[uuid.UUID, str], Awaitable[None]] | None = None,
+                 replicas: int | None = None,
+                 leader_wait: float = DEFAULT_LEADER_WAIT) -> None:
         self.ms = ms
         self.bucket = check_bucket_name(bucket)
+        self.replicas = check_replicas(replicas)
+        self.leader_wait = positive_seconds("leader_wait", leader_wait)
         self.stream = _nats.kv_stream(bucket)
         self.subject_prefix = _nats.kv_prefix(bucket)
         self.sql_timeout = sql_timeout
@@ -107,7 +120,7 @@ class StateEngine:
 
     async def open(self, *, ttl: float) -> KeyValue:
         """Open (or create, with ``ttl`` as max age) the bucket; NATS errors pass through."""
-        self._kv = await ensure_bucket(self.ms.js, self.bucket, ttl=ttl)
+        self._kv = await ensure_bucket(self.ms.js, self.bucket, ttl=ttl, replicas=self.replicas)
         return self._kv
 
     @property
@@ -139,16 +152,22 @@ class StateEngine:
         A :class:`StoreTimeoutError` means the write may still land (NATS did not answer).
         """
         try:  # inline, not `with nats_errors(…)`: this is the hot path
-            if change.data is None:
-                revision = await _nats.publish_delete(self.ms.js,
-                                                      self.subject_prefix + change.kv_key)
-            else:
-                revision = await self.kv.put(change.kv_key, change.data)
+            try:
+                revision = await self._publish(change)
+            except NOT_STORED:  # no stream leader (an election): nothing written, so again
+                verb = "write" if change.data is not None else "remove"
+                revision = await retry_not_stored(lambda: self._publish(change),
+                                                  f"{verb} {change.key!r}", self.leader_wait)
         except (nats.errors.Error, TimeoutError) as e:
             verb = "write" if change.data is not None else "remove"
             raise nats_error(f"{verb} {change.key!r}", e) from e
         self.counters["writes" if change.data is not None else "removes"] += 1
         return StateChange(change.agent, change.key, revision, change.data)
+
+    async def _publish(self, change: Encoded) -> int:
+        if change.data is None:
+            return await _nats.publish_delete(self.ms.js, self.subject_prefix + change.kv_key)
+        return int(await self.kv.put(change.kv_key, change.data))
 
     # ---------------------------------------------------------------- reads
 
@@ -182,7 +201,9 @@ class StateEngine:
                 self.counters["hydrations_uncached"] += 1
                 return True
             with nats_errors(f"hydrate {key!r}"):
-                created = await _nats.create_hydrated(self.ms.js, subject, data)
+                created = await retry_not_stored(
+                    lambda: _nats.create_hydrated(self.ms.js, subject, data),
+                    f"hydrate {key!r}", self.leader_wait)
             self.counters["hydrations" if created else "hydration_conflicts"] += 1
             return created
 

@@ -51,6 +51,11 @@ class StoreTimeoutError(StoreUnavailableError, TimeoutError):
     """A server did not answer in time: a write that timed out may still have been applied."""
 
 
+class NoLeaderError(StoreUnavailableError):
+    """No NATS stream leader took a write within the retry budget (an election, or a lost
+    quorum); nothing was written, so retrying later is safe."""
+
+
 class NotOpenError(MsstoreError, RuntimeError):
     """A manager or store was used before it was opened, or after it was closed."""
 
@@ -111,6 +116,10 @@ class MigrationChecksumError(MigrationError):
     """An already applied migration file was changed afterwards."""
 
 
+class UnderReplicatedWarning(UserWarning):
+    """A bucket exists with fewer replicas than msstore would create it with on this NATS."""
+
+
 class ServiceError(MsstoreError):
     """An embedded server could not be started, found or stopped."""
 
@@ -146,6 +155,7 @@ __all__ = [
     "MigrationError",
     "MissingExtraError",
     "MsstoreError",
+    "NoLeaderError",
     "NotFoundError",
     "NotOpenError",
     "NotSerializableError",
@@ -155,5 +165,6 @@ __all__ = [
     "StoreError",
     "StoreTimeoutError",
     "StoreUnavailableError",
+    "UnderReplicatedWarning",
     "ValueTooLargeError",
 ]

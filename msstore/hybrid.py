@@ -45,7 +45,7 @@ from ._managed import Lifetime
 from .engine import Encoded, StateEngine, StateManager
 from .errors import BackpressureError, StoreTimeoutError, StoreUnavailableError
 from .flushers import DirtySetFlusher, Flusher, FlushSettings
-from .kv import DEFAULT_TTL_SECONDS, check_bucket_name, nats_errors
+from .kv import DEFAULT_LEADER_WAIT, DEFAULT_TTL_SECONDS, check_bucket_name, nats_errors
 from .merge import (
     Committer,
     MergeResult,
@@ -94,7 +94,8 @@ class HybridStateManager(StateManager):
                  sql_timeout: float = 30.0, backlog_refresh: float = 0.5,
                  fetch_timeout: float = 0.2, poll_interval: float = 0.1,
                  close_timeout: float | None = 30.0,
-                 tombstone_retention: float = 86_400.0) -> None:
+                 tombstone_retention: float = 86_400.0, replicas: int | None = None,
+                 leader_wait: float = DEFAULT_LEADER_WAIT) -> None:
         self.ms = ms
         self.bucket = check_bucket_name(bucket)
         self.stream = _nats.kv_stream(bucket)
@@ -122,7 +123,8 @@ class HybridStateManager(StateManager):
         self.metrics_store = Metrics()
         self.engine = StateEngine(ms, bucket=bucket, sql_timeout=self.sql_timeout,
                                   counters=self.metrics_store.counters,
-                                  after_load=self._after_sql_read)
+                                  after_load=self._after_sql_read, replicas=replicas,
+                                  leader_wait=leader_wait)
         self._committer: Committer | None = None
         self._flusher: Flusher | None = None
 

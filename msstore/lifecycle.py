@@ -89,7 +89,7 @@ from .checkpoints import RestoreResult
 from .engine import Encoded, StateEngine
 from .errors import IllegalTransitionError, InvalidOptionError
 from .keys import encode_token
-from .kv import DEFAULT_TTL_SECONDS, nats_errors
+from .kv import DEFAULT_LEADER_WAIT, DEFAULT_TTL_SECONDS, nats_errors
 from .transitions import (
     TRANSITIONS,
     LifecycleState,
@@ -126,7 +126,9 @@ class StateLifecycleManager(AgentIO):
                  sweep_interval: float | None = None, hydrate_chunk: int = 256,
                  sql_timeout: float = 30.0, nats_timeout: float = 5.0,
                  flush_on_close: bool = True,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 replicas: int | None = None,
+                 leader_wait: float = DEFAULT_LEADER_WAIT) -> None:
         ttl = positive_seconds("ttl", ttl)
         idle = ttl / 2 if idle_timeout is None else positive_seconds("idle_timeout",
                                                                       idle_timeout)
@@ -140,7 +142,8 @@ class StateLifecycleManager(AgentIO):
             raise InvalidOptionError(f"flush_on_close must be a bool, got {flush_on_close!r}")
         engine = StateEngine(ms, bucket=bucket,
                              sql_timeout=positive_seconds("sql_timeout", sql_timeout),
-                             after_load=self._after_sql_read)
+                             after_load=self._after_sql_read, replicas=replicas,
+                             leader_wait=leader_wait)
         super().__init__(engine, ttl=ttl, hydrate_chunk=hydrate_chunk,
                          nats_timeout=nats_timeout, clock=clock)
         self.idle_timeout = idle

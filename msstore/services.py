@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import _nats_cluster as cluster
 from ._nats_server import NATS_URL_ENV, nats_server_bin, start_nats, stop_nats
 from ._pg_server import (
     DATABASE_URL_ENV,
@@ -112,21 +113,58 @@ def _write_state(home: Path, state: dict[str, dict[str, object]]) -> None:
 def _alive(name: str, rec: dict[str, object] | None, home: Path) -> bool:
     if not rec:
         return False
+    if name == "nats" and rec.get("nodes"):
+        return all(cluster.node_alive(n) for n in rec["nodes"])  # type: ignore[attr-defined]
     port = rec.get("port")
     pid = pg_pid(home) if name == "postgres" else rec.get("pid")
     return isinstance(port, int) and isinstance(pid, int) and pid_alive(pid) and port_open(port)
 
 
-def up(home: Path | None = None, *, which: tuple[str, ...] = ("postgres", "nats")) -> Endpoints:
-    """Start the embedded servers that are not running yet; reuse the ones that are."""
+def _layout(rec: dict[str, object] | None) -> tuple[int, str] | None:
+    """(nodes, sync) of the NATS that ``rec`` describes; None if nothing was recorded."""
+    if not rec:
+        return None
+    nodes = rec.get("nodes")
+    return (len(nodes), str(rec.get("sync"))) if isinstance(nodes, list) else (1, "default")
+
+
+def _start_nats(home: Path, previous: dict[str, object] | None, nodes: int | None,
+                sync: str | None) -> dict[str, object] | None:
+    """Start what the NATS layout needs (None: the running one is it). One node with the
+    default sync is the plain ``nats-server -js``; anything else runs from config files."""
+    want = cluster.wanted_layout(previous, nodes, sync)
+    if _layout(previous) == want and _alive("nats", previous, home):
+        return None
+    if previous and previous.get("nodes"):
+        if want == (1, "default"):
+            cluster.stop_nodes(previous)
+            previous = {}
+    elif previous and want != (1, "default"):
+        stop_nats(previous)
+    if want == (1, "default"):
+        return start_nats(home, previous)
+    return cluster.start_nodes(home, previous, nats_server_bin(), *want)
+
+
+def up(home: Path | None = None, *, which: tuple[str, ...] = ("postgres", "nats"),
+       nats_nodes: int | None = None, nats_sync: str | None = None) -> Endpoints:
+    """Start the embedded servers that are not running yet; reuse the ones that are.
+
+    ``nats_nodes`` (else ``MSSTORE_NATS_NODES``, else what ran last) > 1 runs a JetStream
+    cluster on loopback; ``nats_sync="always"`` (``MSSTORE_NATS_SYNC``) fsyncs before each ack.
+    A node that died is started again, at its address, with its files.
+    """
     home = home or state_home()
     with file_lock(home / "services.lock"):
         state = _read_state(home)
         for name in which:
             previous = state.get(name)
-            if not _alive(name, previous, home):
-                start = start_postgres if name == "postgres" else start_nats
-                state[name] = start(home, previous)
+            if name == "nats":
+                rec = _start_nats(home, previous, nats_nodes, nats_sync)
+            else:
+                rec = None if _alive(name, previous, home) else start_postgres(home, previous)
+            if rec is not None:
+                state[name] = rec
                 state[name]["started_at"] = time.time()
                 _write_state(home, state)
         return _endpoints_from_state(state)
@@ -151,7 +189,9 @@ def down(home: Path | None = None, *,
                 continue
             if _alive(name, rec, home):
                 stopped.append(name)
-            if name == "nats":
+            if name == "nats" and rec.get("nodes"):
+                cluster.stop_nodes(rec)
+            elif name == "nats":
                 stop_nats(rec)
             else:
                 stop_postgres(home)
@@ -214,6 +254,9 @@ def status(home: Path | None = None) -> list[dict[str, object]]:
                          "version": "(see connect())", "health": _url_health(url)})
             continue
         rec = state.get(name)
+        if name == "nats" and rec and rec.get("nodes"):
+            rows.append(_cluster_row(rec, home))
+            continue
         alive = _alive(name, rec, home)
         rows.append({
             "server": name, "mode": "embedded", "url": rec.get("url", "") if rec else "",
@@ -226,7 +269,23 @@ def status(home: Path | None = None) -> list[dict[str, object]]:
     return rows
 
 
+def _cluster_row(rec: dict[str, object], home: Path) -> dict[str, object]:
+    """The row of an embedded cluster: "up" with every node, "degraded" with a quorum."""
+    nodes = cluster.node_rows(rec)
+    up_ = sum(n["health"] == "up" for n in nodes)
+    health = "up" if up_ == len(nodes) else "degraded" if up_ > len(nodes) // 2 else "down"
+    leader = next((n["server_name"] for n in nodes if n["meta_leader"]), None)
+    return {"server": "nats", "mode": "embedded", "url": rec.get("url", ""),
+            "pid": rec.get("pid") if up_ else None, "version": binary_version("nats"),
+            "data": str(home / "nats-cluster"), "health": health, "sync": rec.get("sync"),
+            "meta_leader": leader, "nodes": nodes}
+
+
 def _url_health(url: str) -> str:
+    if "," in url:  # a cluster: reachable when any of its URLs is
+        answers = [_url_health(u) for u in url.split(",") if u.strip()]
+        return "reachable" if "reachable" in answers else "unreachable"
+
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)

@@ -35,6 +35,7 @@ from ._durable import LogRef, Puller
 from ._nats import HYDRATED, KV_OP
 from .errors import InvalidKeyError
 from .flushers import _FIRST_RECHECK, Flusher
+from .kv import DEFAULT_LEADER_WAIT, retry_not_stored
 from .merge import StateChange, coalesce
 
 log = logging.getLogger("msstore.flushers")
@@ -163,7 +164,9 @@ class StreamFlusher(Flusher):
     async def _target(self) -> object:
         """(log, sequence): the log message that copied the last write acknowledged so far."""
         await self.check_epoch()
-        marker = await self.js.publish(_nats.kv_prefix(self.s.bucket) + _nats.FLUSH_KEY, b"")
+        subject = _nats.kv_prefix(self.s.bucket) + _nats.FLUSH_KEY
+        marker = await retry_not_stored(lambda: self.js.publish(subject, b""), "mark a flush",
+                                        DEFAULT_LEADER_WAIT)
         ref = self._log
         return ref, await self._sourced(ref, int(marker.seq))
 
@@ -177,7 +180,7 @@ class StreamFlusher(Flusher):
             if not wanted:
                 return int(last)
             if last:
-                raw: Any = await self.js.get_msg(ref.name, seq=last, direct=True)
+                raw: Any = await self.js.get_msg(ref.name, seq=last, direct=ref.direct)
                 if _durable.source_revision(raw.headers) >= wanted:
                     return int(last)
             kv = (await self.js.stream_info(self.stream)).state

@@ -13,7 +13,9 @@ Options for the server-fault suite (tests/integration/test_server_faults.py):
   in-flight write is the ``?`` line without its acknowledgement;
 * ``--keep-going`` survives msstore errors: it prints ``! <ErrorClass> <key> <i>`` and writes
   on (any other exception still ends the process with a traceback and a non-zero exit);
-* ``--graceful-term`` makes SIGTERM close it cleanly (stop writing, flush, print ``done``).
+* ``--graceful-term`` makes SIGTERM close it cleanly (stop writing, flush, print ``done``);
+* ``--flush-only`` writes nothing: the process only runs the flusher (a flusher process of the
+  cluster suite), until SIGTERM (with ``--graceful-term``) or kill.
 """
 
 from __future__ import annotations
@@ -41,14 +43,17 @@ async def write_until_killed(args: argparse.Namespace) -> None:
         hsm = await HybridStateManager.open(
             ms, bucket=args.bucket, flusher=args.flusher, flush_threshold=args.threshold,
             flush_interval=args.interval, ack_wait=args.ack_wait, durable=args.durable,
-            ttl=args.ttl)
+            ttl=args.ttl, close_timeout=args.close_timeout)
         stop = asyncio.Event()
         if args.graceful_term:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         print("ready", flush=True)
+        if args.flush_only:
+            await stop.wait()
         out = sys.stdout
         i = 0
-        while (args.writes <= 0 or i < args.writes) and not stop.is_set():
+        while (args.writes <= 0 or i < args.writes) and not stop.is_set() \
+                and not args.flush_only:
             key = f"k{i % args.keys}"
             if args.log_values:
                 out.write(f"? {key} {i}\n")
@@ -90,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="print '? key i' before and 'key revision i' after each write")
     p.add_argument("--keep-going", action="store_true",
                    help="print '! ErrorClass key i' for an msstore error and write on")
+    p.add_argument("--close-timeout", type=float, default=30.0,
+                   help="seconds close() may take to flush (HybridStateManager close_timeout)")
+    p.add_argument("--flush-only", action="store_true",
+                   help="write nothing: run the flusher until SIGTERM")
     p.add_argument("--graceful-term", action="store_true",
                    help="on SIGTERM stop writing, close (flush) and print 'done'")
     asyncio.run(write_until_killed(p.parse_args(argv)))

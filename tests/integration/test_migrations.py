@@ -110,3 +110,34 @@ async def test_concurrent_migrate_calls_both_succeed_and_apply_each_file_once(
     finally:
         for c in conns:
             await c.close()
+
+
+#: Every key of ``agents.*`` leads with ``agent_id``: the column a hash-partitioned or
+#: Citus-style distributed table would be split by (README, "PostgreSQL beyond one server").
+KEYS_OF_AGENTS = """
+SELECT c.conrelid::regclass::text AS tbl, c.conname, c.contype,
+       (SELECT array_agg(a.attname ORDER BY k.ord)
+        FROM unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
+        JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum) AS cols
+FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+WHERE n.nspname = 'agents' AND c.contype IN ('p', 'u')
+UNION ALL
+SELECT i.indrelid::regclass::text, i.indexrelid::regclass::text, 'i',
+       (SELECT array_agg(a.attname ORDER BY k.ord)
+        FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum)
+FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid
+JOIN pg_namespace n ON n.oid = t.relnamespace
+WHERE n.nspname = 'agents' AND i.indisunique
+  AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
+"""
+
+
+async def test_every_key_of_the_agents_schema_leads_with_agent_id(
+        ms: msstore.Connection) -> None:
+    keys = await ms.pool.fetch(KEYS_OF_AGENTS)
+    tables = {r["tbl"] for r in keys}
+    assert {"agents.state", "agents.state_tombstones", "agents.checkpoints",
+            "agents.registry"} <= tables
+    assert [(r["tbl"], r["conname"], r["cols"]) for r in keys
+            if not r["cols"] or r["cols"][0] != "agent_id"] == []
