@@ -53,7 +53,7 @@ async def cluster(sync: str) -> AsyncIterator[str]:
             await asyncio.to_thread(services.down, home, which=("nats",))
 
 
-async def _latencies(hsm: HybridStateManager, agent: uuid.UUID, ops: int) -> list[float]:
+async def latencies(hsm: HybridStateManager, agent: uuid.UUID, ops: int) -> list[float]:
     out = []
     for i in range(ops):
         t0 = time.perf_counter()
@@ -62,7 +62,7 @@ async def _latencies(hsm: HybridStateManager, agent: uuid.UUID, ops: int) -> lis
     return out
 
 
-async def _flush_time(hsm: HybridStateManager, agent: uuid.UUID, n: int) -> float:
+async def flush_time(hsm: HybridStateManager, agent: uuid.UUID, n: int) -> float:
     await gather_chunked((lambda i=i: hsm.write_state(agent, f"f{i}", payload(i)))  # type: ignore[misc]
                          for i in range(n))
     t0 = time.perf_counter()
@@ -70,8 +70,8 @@ async def _flush_time(hsm: HybridStateManager, agent: uuid.UUID, n: int) -> floa
     return time.perf_counter() - t0
 
 
-async def _drain(ms: msstore.Connection, conn: msstore.Connection, bucket: str, durable: str,
-                 processes: int, n: int) -> float:
+async def drain(ms: msstore.Connection, conn: msstore.Connection, bucket: str, durable: str,
+                processes: int, n: int) -> float:
     """Seconds from the first of ``n`` raw puts until PostgreSQL holds them all, with
     ``processes`` flusher-only processes on one durable."""
     procs = []
@@ -140,7 +140,7 @@ async def run(ms: msstore.Connection, p: dict[str, int], *, bar: bool = True
             s.cleanups.append(hsm.close)
             managers[name] = hsm
         for hsm in managers.values():  # warm up
-            await _latencies(hsm, uuid.uuid4(), 50)
+            await latencies(hsm, uuid.uuid4(), 50)
             await hsm.flush()
         drain_bucket = sd.bucket("cldrain")
         async with HybridStateManager(cd, bucket=drain_bucket, replicas=3):
@@ -148,15 +148,15 @@ async def run(ms: msstore.Connection, p: dict[str, int], *, bar: bool = True
         for rep in range(reps):
             row: dict[str, Any] = {"rep": rep}
             for name in order(rep, list(managers)):
-                lat = await _latencies(managers[name], sd.agent(), ops)
+                lat = await latencies(managers[name], sd.agent(), ops)
                 row[f"{name}_p50_us"] = percentile(lat, 50) * 1e6
                 row[f"{name}_p99_us"] = percentile(lat, 99) * 1e6
                 pb.update()
             for name in order(rep, list(managers)):
-                row[f"{name}_flush_s"] = await _flush_time(managers[name], sd.agent(), n)
+                row[f"{name}_flush_s"] = await flush_time(managers[name], sd.agent(), n)
                 pb.update()
             for k in order(rep, ["1", "2", "4"]):
-                row[f"drain_{k}_s"] = await _drain(ms, cd, drain_bucket, "bench-drain", int(k), n)
+                row[f"drain_{k}_s"] = await drain(ms, cd, drain_bucket, "bench-drain", int(k), n)
                 pb.update()
             c["p50_r3"].add(row["r3_p50_us"], row["r1_p50_us"])
             c["p99_r3"].add(row["r3_p99_us"], row["r1_p99_us"])
