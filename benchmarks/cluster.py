@@ -6,7 +6,7 @@ one with JetStream's default fsync (every 2 minutes), one with ``sync_interval: 
 PostgreSQL is the suite's.
 
 * ``write_state`` p50/p99, one write at a time: an R3 bucket vs an R1 bucket on the same
-  cluster (replication), and R3 with ``always`` vs R3 default (fsync before ack);
+  cluster (replication), and R1 and R3 with ``always`` vs the default (fsync before ack);
 * flushing N acknowledged writes (``flush()``), the same pairs;
 * draining N writes (raw puts into an R3 bucket, pipelined) through 2 and 4 flusher-only
   processes sharing one durable consumer, vs 1 — from the first put until PostgreSQL holds
@@ -112,6 +112,10 @@ async def run(ms: msstore.Connection, p: dict[str, int], *, bar: bool = True
                              "R1 bucket (same cluster)"),
         "p99_r3": Comparison(11, "cluster", "sequential write p99", "µs", "R3 bucket",
                              "R1 bucket (same cluster)"),
+        "p50_sync1": Comparison(11, "cluster", "sequential write p50", "µs",
+                                "R1, sync_interval always", "R1, default fsync"),
+        "p99_sync1": Comparison(11, "cluster", "sequential write p99", "µs",
+                                "R1, sync_interval always", "R1, default fsync"),
         "p50_sync": Comparison(11, "cluster", "sequential write p50", "µs",
                                "R3, sync_interval always", "R3, default fsync"),
         "p99_sync": Comparison(11, "cluster", "sequential write p99", "µs",
@@ -126,14 +130,14 @@ async def run(ms: msstore.Connection, p: dict[str, int], *, bar: bool = True
                               "4 flusher processes", "1 flusher process"),
     }
     samples: list[dict[str, Any]] = []
-    pb = progress(reps * 9, "#11 cluster", bar)
+    pb = progress(reps * 11, "#11 cluster", bar)
     async with cluster("default") as url_default, cluster("always") as url_always, \
             msstore.connect(ms.database_url, url_default, migrate=False) as cd, \
             msstore.connect(ms.database_url, url_always, migrate=False) as ca, \
             scratch(cd) as sd, scratch(ca) as sa:
         managers: dict[str, HybridStateManager] = {}
         for name, conn, s, replicas in (("r1", cd, sd, 1), ("r3", cd, sd, 3),
-                                        ("r3_always", ca, sa, 3)):
+                                        ("r1_always", ca, sa, 1), ("r3_always", ca, sa, 3)):
             hsm = HybridStateManager(conn, bucket=s.bucket(f"cl{name}"), replicas=replicas,
                                      durable=f"bench-{uuid.uuid4().hex[:8]}", **QUIET)
             await hsm.start()
@@ -162,6 +166,8 @@ async def run(ms: msstore.Connection, p: dict[str, int], *, bar: bool = True
             c["p99_r3"].add(row["r3_p99_us"], row["r1_p99_us"])
             c["p50_sync"].add(row["r3_always_p50_us"], row["r3_p50_us"])
             c["p99_sync"].add(row["r3_always_p99_us"], row["r3_p99_us"])
+            c["p50_sync1"].add(row["r1_always_p50_us"], row["r1_p50_us"])
+            c["p99_sync1"].add(row["r1_always_p99_us"], row["r1_p99_us"])
             c["flush_r3"].add(row["r3_flush_s"], row["r1_flush_s"])
             c["flush_sync"].add(row["r3_always_flush_s"], row["r3_flush_s"])
             c["drain_2"].add(row["drain_2_s"], row["drain_1_s"])
