@@ -71,9 +71,10 @@ async def flush_time(hsm: HybridStateManager, agent: uuid.UUID, n: int) -> float
 
 
 async def drain(ms: msstore.Connection, conn: msstore.Connection, bucket: str, durable: str,
-                processes: int, n: int) -> float:
+                processes: int, n: int, within: float = 300.0) -> float:
     """Seconds from the first of ``n`` raw puts until PostgreSQL holds them all, with
-    ``processes`` flusher-only processes on one durable."""
+    ``processes`` flusher-only processes on one durable (TimeoutError after ``within``: a
+    drain that never completes fails the run instead of hanging it)."""
     procs = []
     for _ in range(processes):
         p = await asyncio.create_subprocess_exec(
@@ -88,10 +89,14 @@ async def drain(ms: msstore.Connection, conn: msstore.Connection, bucket: str, d
     data = [dumps(payload(i)) for i in range(n)]
     try:
         t0 = time.perf_counter()
+        deadline = t0 + within
         await gather_chunked((lambda i=i: kv.put(join_key(str(agent), f"d{i}"), data[i]))  # type: ignore[misc]
                              for i in range(n))
-        while await ms.pool.fetchval(  # noqa: ASYNC110 - polling PostgreSQL, not an event
+        while await ms.pool.fetchval(
                 "SELECT count(*) FROM agents.state WHERE agent_id = $1", agent) < n:
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"{processes} flusher processes drained fewer than {n:,} "
+                                   f"writes within {within:.0f} s")
             await asyncio.sleep(0.01)
         return time.perf_counter() - t0
     finally:

@@ -51,6 +51,37 @@ class LogRef:
     direct: bool = field(default=True, compare=False)
 
 
+class SourceStall:
+    """When to restart a replicated log's copy of its bucket that has stopped.
+
+    NATS rebuilds a stream's sources when the stream gets a (new) leader; a source that lost
+    its origin's leader is retried with a backoff that grows while the origin's quorum is gone
+    (tens of seconds measured here). ``due`` says when the log has copied nothing for
+    ``after`` seconds while a copy was awaited — then :func:`step_down` makes a new leader.
+    """
+
+    def __init__(self, after: float, now: float) -> None:
+        self.after, self.seen, self.since = after, -1, now
+
+    def due(self, last_seq: int, now: float) -> bool:
+        if last_seq != self.seen:
+            self.seen, self.since = last_seq, now
+            return False
+        if now - self.since < self.after:
+            return False
+        self.since = now  # at most once per ``after`` seconds
+        return True
+
+
+async def step_down(nc: Client, ref: LogRef) -> bool:
+    """Ask the log's leader to step down (a new leader sets its source up afresh)."""
+    try:
+        reply = await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{ref.name}", b"", timeout=2)
+        return bool(orjson.loads(reply.data).get("success"))
+    except (nats.errors.Error, TimeoutError, orjson.JSONDecodeError):
+        return False
+
+
 def log_name(bucket: str, epoch: int) -> str:
     return f"{LOG_PREFIX}{bucket}_{epoch}"
 
@@ -197,5 +228,5 @@ async def ack_all(nc: Client, msgs: Sequence[Msg]) -> None:
     await nc._flush_pending()
 
 
-__all__ = ["LOG_PREFIX", "LogRef", "Puller", "ack_all", "ensure_log", "last_logged", "log_name",
-           "older_logs", "retire_log", "source_revision"]
+__all__ = ["LOG_PREFIX", "LogRef", "Puller", "SourceStall", "ack_all", "ensure_log", "last_logged",
+           "log_name", "older_logs", "retire_log", "source_revision", "step_down"]

@@ -203,6 +203,7 @@ COUNTERS: Final = (
     "hydration_conflicts", "not_found", "flushes", "messages_flushed", "rows_flushed",
     "rows_upserted", "rows_deleted", "rows_skipped", "sql_statements", "retries",
     "expired_unflushed", "foreign_messages", "backpressure_rejections", "tombstones_purged",
+    "log_source_restarts",
 )
 SAMPLE_COLUMNS: Final = ("t", "flusher", "messages", "rows", "upserted", "deleted", "skipped",
                          "latency_s", "total_s", "retries", "expired")

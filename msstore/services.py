@@ -238,9 +238,12 @@ def resolve(home: Path | None = None, database_url: str | None = None,
 HEALTHY = frozenset({"up", "reachable"})
 
 
-def status(home: Path | None = None) -> list[dict[str, object]]:
+def status(home: Path | None = None, *, external: bool = True) -> list[dict[str, object]]:
     """One row per server: mode, URL, PID, binary version, data folder, health. Starts nothing.
 
+    A server named by ``MSSTORE_DATABASE_URL`` / ``MSSTORE_NATS_URL`` is reported instead of
+    the embedded one (what ``connect()`` would use), unless ``external=False``: then only what
+    ``home`` records (e.g. a private cluster while those variables point elsewhere).
     ``health`` is "up"/"down" for an embedded server, "reachable"/"unreachable" (a TCP probe)
     for an external one; see :data:`HEALTHY`.
     """
@@ -248,7 +251,7 @@ def status(home: Path | None = None) -> list[dict[str, object]]:
     state = _read_state(home)
     rows: list[dict[str, object]] = []
     for name, env in (("postgres", DATABASE_URL_ENV), ("nats", NATS_URL_ENV)):
-        if os.environ.get(env):
+        if external and os.environ.get(env):
             url = os.environ[env]
             rows.append({"server": name, "mode": "external", "url": url,
                          "version": "(see connect())", "health": _url_health(url)})

@@ -40,6 +40,10 @@ from .merge import StateChange, coalesce
 
 log = logging.getLogger("msstore.flushers")
 
+#: seconds a replicated log may copy nothing while a flush waits for it, before its leader is
+#: asked to step down (see :class:`msstore._durable.SourceStall`)
+SOURCE_STALL = 5.0
+
 
 def _unacked(ci: ConsumerInfo) -> int:
     return int(ci.num_pending or 0) + int(ci.num_ack_pending or 0)
@@ -175,6 +179,7 @@ class StreamFlusher(Flusher):
         asynchronously, within milliseconds); return the log sequence that covers it."""
         recheck = _FIRST_RECHECK
         deadline = None if patience is None else time.monotonic() + patience
+        stall = _durable.SourceStall(SOURCE_STALL, time.monotonic())
         while True:
             last = (await self.js.stream_info(ref.name)).state.last_seq
             if not wanted:
@@ -188,6 +193,12 @@ class StreamFlusher(Flusher):
                 return int(last)  # nothing up to `wanted` is left for the source to copy
             if deadline is not None and time.monotonic() > deadline:
                 return int(last)
+            if not ref.direct and stall.due(int(last), time.monotonic()):  # replicated log
+                log.warning("%s copied nothing from the bucket for %.0f s: asking its leader "
+                            "to step down (a new leader restarts the copy)", ref.name,
+                            SOURCE_STALL)
+                if await _durable.step_down(self.nc, ref):
+                    self.committer.metrics.add("log_source_restarts")
             await asyncio.sleep(recheck)
             recheck = min(2 * recheck, self.s.poll_interval)
 

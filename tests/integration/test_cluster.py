@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 import msstore
-from msstore import _nats_cluster, services
+from msstore import _durable, _nats_cluster, services
 from msstore._procs import pid_alive
 from msstore.cache import CacheSource, TieredCacheRepository
 from msstore.errors import NoLeaderError, UnderReplicatedWarning
@@ -120,12 +120,12 @@ async def cms(ms: msstore.Connection, healthy: Path) -> AsyncIterator[msstore.Co
 
 
 async def test_up_starts_three_nodes_that_status_reports_and_down_leaves_no_process(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(services.NATS_URL_ENV, raising=False)  # status: the embedded cluster
+        tmp_path: Path) -> None:
     ends = await asyncio.to_thread(services.up, tmp_path, which=("nats",), nats_nodes=3)
     assert len(ends.nats_url.split(",")) == 3
     try:
-        rows = {r["server"]: r for r in await asyncio.to_thread(services.status, tmp_path)}
+        rows = {r["server"]: r
+                for r in await asyncio.to_thread(services.status, tmp_path, external=False)}
         row = rows["nats"]
         assert row["health"] == "up"
         assert [n["health"] for n in row["nodes"]] == ["up", "up", "up"]
@@ -138,7 +138,7 @@ async def test_up_starts_three_nodes_that_status_reports_and_down_leaves_no_proc
         # a node killed -9 comes back at the same URL, with its files
         before = nodes(tmp_path)[1]
         _nats_cluster.stop_node(before, signal.SIGKILL)
-        degraded = {r["server"]: r for r in services.status(tmp_path)}["nats"]
+        degraded = {r["server"]: r for r in services.status(tmp_path, external=False)}["nats"]
         assert degraded["health"] == "degraded"
         again = await asyncio.to_thread(services.up, tmp_path, which=("nats",))
         assert again.nats_url == ends.nats_url
@@ -225,6 +225,27 @@ async def test_a_write_without_a_stream_leader_fails_typed_within_its_budget_and
         row = await cms.pool.fetchrow(
             "SELECT value, version FROM agents.state WHERE agent_id = $1", agent)
         assert (row["value"], row["version"]) == (3, second)
+
+
+async def test_a_log_whose_leader_steps_down_keeps_copying_every_write(
+        cms: msstore.Connection, unique: Callable[[str], str]) -> None:
+    """The remedy for a stalled copy (``_durable.step_down``, asked for by a waiting flush):
+    a new log leader, and every write before and after it reaches PostgreSQL."""
+    bucket = unique("stepdown")
+    agent = uuid.uuid4()
+    async with HybridStateManager(cms, bucket=bucket) as hsm:
+        revs = {f"a{i}": await hsm.write_state(agent, f"a{i}", i) for i in range(100)}
+        await hsm.flush()
+        ref = hsm._flusher._log  # type: ignore[attr-defined]
+        before = await leader_of(cms.js, ref.name)
+        assert await _durable.step_down(cms.nc, ref) is True
+        assert await until_leader(cms.js, ref.name, not_=before) != before
+        for i in range(100):
+            revs[f"b{i}"] = await hsm.write_state(agent, f"b{i}", i)
+        await hsm.flush()
+        rows = await cms.pool.fetch(
+            "SELECT key, version FROM agents.state WHERE agent_id = $1", agent)
+        assert dict(rows) == revs
 
 
 # --------------------------------------------------------------------------- leader loss

@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 import msstore
+from msstore._durable import SourceStall
 from msstore.hybrid import (
     HybridStateManager,
     StateChange,
@@ -78,3 +79,15 @@ async def test_wait_event_keeps_a_cancel_that_arrives_with_the_event() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_a_log_that_copies_nothing_is_due_for_a_restart_once_per_period() -> None:
+    stall = SourceStall(5.0, now=100.0)
+    assert stall.due(7, 100.0) is False  # first sight of sequence 7
+    assert stall.due(7, 104.9) is False  # not yet 5 s without progress
+    assert stall.due(7, 105.0) is True
+    assert stall.due(7, 106.0) is False  # at most once per period
+    assert stall.due(7, 110.0) is True
+    assert stall.due(8, 111.0) is False  # the log moved: the clock starts again
+    assert stall.due(8, 115.9) is False
+    assert stall.due(8, 116.0) is True
