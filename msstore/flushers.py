@@ -31,6 +31,7 @@ from nats.js import JetStreamContext
 from . import _nats
 from ._background import Worker, wait_event
 from .errors import StoreUnavailableError
+from .kv import DEFAULT_LEADER_WAIT, retry_not_stored
 from .merge import Committer, StateChange
 
 log = logging.getLogger("msstore.flushers")
@@ -101,9 +102,12 @@ class Flusher(ABC):
         Waits as long as PostgreSQL is down (nothing is dropped); bound it with
         ``asyncio.timeout()`` if the caller cannot wait.
         """
-        target = await self._target()
+        # A cluster answers 503 / no responders while a stream or consumer has no leader (an
+        # election, a node rejoining): retried for the writes' budget, then NoLeaderError.
+        target = await retry_not_stored(self._target, "mark a flush", DEFAULT_LEADER_WAIT)
         recheck = _FIRST_RECHECK
-        while not await self._done(target):
+        while not await retry_not_stored(lambda: self._done(target), "follow the flush",
+                                         DEFAULT_LEADER_WAIT):
             if self.worker.dead:
                 raise StoreUnavailableError(f"the {self.name} flusher stopped: "
                                             f"{self.worker.error!r}")

@@ -250,8 +250,12 @@ class StreamFlusher(Flusher):
             ci = await self._consumer(ref)
             if not _unacked(ci):
                 break  # nothing waiting, nothing in flight: no fetch to sit through
-            while len(msgs) < size:  # a fetch can stop at its deadline: top the batch up
-                want = size - len(msgs)
+            # The batch is what was waiting when it started (at most batch_size): writes that
+            # arrive meanwhile go to the next batch, so that under a steady stream of writes
+            # a commit still happens every round instead of once batch_size has piled up.
+            goal = min(size, int(ci.num_pending)) if ci.num_pending else size
+            while len(msgs) < goal:  # a fetch can stop at its deadline: top the batch up
+                want = goal - len(msgs)
                 if ci.num_pending:
                     # Ask for no more than is waiting: a pull that the stream cannot fill is
                     # held by the server until it expires (fetch_timeout) — a fixed stall on
@@ -262,7 +266,7 @@ class StreamFlusher(Flusher):
                 if not got:
                     break
                 msgs += got
-                if len(msgs) < size:
+                if len(msgs) < goal:
                     ci = await self._consumer(ref)
                     if not ci.num_pending and (ci.num_ack_pending or 0) <= len(msgs):
                         break
