@@ -31,6 +31,7 @@ from nats.protocol.command import pub_cmd
 from ._background import wait_event
 from ._nats import kv_stream, stream_epoch
 from .errors import InvalidKeyError
+from .kv import retry_placement
 
 SOURCE: Final = "Nats-Stream-Source"
 #: a pull request is over: 404 no messages, 408 request expired, 409 ended (e.g. max bytes)
@@ -82,6 +83,10 @@ async def step_down(nc: Client, ref: LogRef) -> bool:
         return False
 
 
+#: JetStream's answer to creating a stream that exists with another configuration
+STREAM_NAME_IN_USE: Final = 10058
+
+
 def log_name(bucket: str, epoch: int) -> str:
     return f"{LOG_PREFIX}{bucket}_{epoch}"
 
@@ -104,8 +109,12 @@ async def ensure_log(js: JetStreamContext, bucket: str) -> LogRef:
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
             allow_direct=replicas == 1, num_replicas=replicas,
             description=f"msstore durability log of {kv_stream(bucket)} (epoch {ref.epoch})")
-        with contextlib.suppress(nats.js.errors.BadRequestError):  # another process won
-            await js.add_stream(config)
+        try:
+            await retry_placement(lambda: js.add_stream(config), f"create log {ref.name}")
+        except nats.js.errors.BadRequestError as e:
+            if e.err_code != STREAM_NAME_IN_USE:
+                raise
+            # another process created it first
     return ref
 
 

@@ -149,6 +149,19 @@ def _wait_ready(recs: list[dict[str, Any]], procs: dict[str, subprocess.Popen[by
             waiting.pop(0)
         else:
             time.sleep(0.1)
+    while not _meta_current(recs) and time.monotonic() < deadline:
+        time.sleep(0.1)  # a replicated stream can be placed only once the leader saw every peer
+
+
+def _meta_current(recs: list[dict[str, Any]]) -> bool:
+    """The meta leader has heard from every other node (else R3 placement fails: 10005)."""
+    for node in recs:
+        meta = (_monitor(node, "/jsz") or {}).get("meta_cluster") or {}
+        if meta.get("leader") == f"msstore-{node['name']}":
+            peers = meta.get("replicas") or []
+            return len(peers) == len(recs) - 1 and all(
+                p.get("current") and not p.get("offline") for p in peers)
+    return False
 
 
 def _monitor(node: dict[str, Any], path: str) -> Any:

@@ -118,7 +118,8 @@ async def ensure_bucket(js: JetStreamContext, name: str, *, ttl: float | None = 
     config = KeyValueConfig(bucket=name, ttl=ttl, history=history, direct=want == 1,
                             max_value_size=max_value_size, description=description,
                             storage=storage, replicas=want)
-    return await js.create_key_value(config=config)
+    return await retry_placement(lambda: js.create_key_value(config=config),
+                                 f"create bucket {name!r}")
 
 
 #: Publish failures that mean "no stream took it": no leader (an election, a lost quorum) or
@@ -148,6 +149,31 @@ async def retry_not_stored(publish: Callable[[], Awaitable[T]], what: str,
                 raise NoLeaderError(
                     f"NATS had no stream leader to {what} for {budget:g} s (an election, or "
                     f"a quorum lost): nothing was written; retry later ({e!r})") from e
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.5)
+
+
+#: JetStream's "no suitable peers for placement": a replicated stream asked for before the
+#: meta leader has heard from every peer (a cluster just started, a node rejoining)
+NO_PLACEMENT: Final = 10005
+
+
+async def retry_placement(create: Callable[[], Awaitable[T]], what: str,
+                          budget: float = DEFAULT_LEADER_WAIT) -> T:
+    """``create()`` again while the cluster cannot place its replicas yet, for at most
+    ``budget`` seconds; then :class:`StoreUnavailableError` naming the server's reason."""
+    deadline = time.monotonic() + budget
+    delay = 0.05
+    while True:
+        try:
+            return await create()
+        except nats.js.errors.BadRequestError as e:
+            if e.err_code != NO_PLACEMENT:
+                raise
+            if time.monotonic() + delay > deadline:
+                raise StoreUnavailableError(
+                    f"NATS could not place the replicas to {what} for {budget:g} s "
+                    f"({e.description}): is every node of the cluster up?") from e
             await asyncio.sleep(delay)
             delay = min(2 * delay, 0.5)
 

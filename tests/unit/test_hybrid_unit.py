@@ -91,3 +91,33 @@ def test_a_log_that_copies_nothing_is_due_for_a_restart_once_per_period() -> Non
     assert stall.due(8, 111.0) is False  # the log moved: the clock starts again
     assert stall.due(8, 115.9) is False
     assert stall.due(8, 116.0) is True
+
+
+async def test_a_replicated_stream_the_cluster_cannot_place_yet_is_created_again() -> None:
+    from nats.js.errors import BadRequestError
+
+    from msstore.kv import NO_PLACEMENT, retry_placement
+
+    calls = []
+
+    async def create() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise BadRequestError(code=400, err_code=NO_PLACEMENT,
+                                  description="no suitable peers for placement, peer offline")
+        return "created"
+
+    assert await retry_placement(create, "create bucket 'b'", budget=5.0) == "created"
+    assert len(calls) == 3
+
+    async def never() -> str:
+        raise BadRequestError(code=400, err_code=NO_PLACEMENT, description="peer offline")
+
+    with pytest.raises(msstore.StoreUnavailableError, match=r"peer offline.*every node"):
+        await retry_placement(never, "create bucket 'b'", budget=0.2)
+
+    async def other() -> str:  # any other refusal is the caller's to handle, at once
+        raise BadRequestError(code=400, err_code=10058, description="name in use")
+
+    with pytest.raises(BadRequestError):
+        await retry_placement(other, "create bucket 'b'", budget=5.0)
