@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import time
@@ -68,7 +69,8 @@ def _addr(port: object) -> str:
     return json.dumps(f"{HOST}:{port}")
 
 
-def _config(name: str, node: dict[str, Any], peers: list[dict[str, Any]], sync: str) -> str:
+def _config(name: str, node: dict[str, Any], peers: list[dict[str, Any]], sync: str,
+            cluster: str = CLUSTER_NAME) -> str:
     lines = [f"server_name: {json.dumps(name)}", f"listen: {_addr(node['port'])}",
              f"http: {_addr(node['monitor_port'])}",
              "jetstream {", f"  store_dir: {json.dumps(node['store'])}"]
@@ -78,7 +80,7 @@ def _config(name: str, node: dict[str, Any], peers: list[dict[str, Any]], sync: 
     if peers:
         routes = ", ".join(json.dumps(f"nats-route://{HOST}:{p['cluster_port']}")
                            for p in peers)
-        lines += ["cluster {", f"  name: {CLUSTER_NAME}",
+        lines += ["cluster {", f"  name: {json.dumps(cluster)}",
                   f"  listen: {_addr(node['cluster_port'])}",
                   f"  routes: [{routes}]", "}"]
     return "\n".join(lines) + "\n"
@@ -107,6 +109,12 @@ def start_nodes(home: Path, previous: dict[str, Any] | None, bin_path: Path, nod
         old = [] if len(old) != nodes else old
     root = home / "nats-cluster"
     root.mkdir(parents=True, exist_ok=True)
+    # A name of its own, kept across restarts: a node of another cluster on this machine that
+    # still retries a route to a port this one reuses is refused, instead of merging the two
+    # (the server names are msstore-n1… in every cluster). Older state folders kept the shared
+    # name, and their stores were made under it.
+    cluster = str(prev.get("cluster") or (CLUSTER_NAME if old else
+                                          f"{CLUSTER_NAME}-{secrets.token_hex(4)}"))
     recs: list[dict[str, Any]] = []
     for i in range(nodes):
         before = old[i] if i < len(old) else None
@@ -123,13 +131,14 @@ def start_nodes(home: Path, previous: dict[str, Any] | None, bin_path: Path, nod
         if "pid" in node and node_alive(node):
             continue
         peers = [p for p in recs if p is not node] if nodes > 1 else []
-        Path(node["conf"]).write_text(_config(f"msstore-{node['name']}", node, peers, sync))
+        Path(node["conf"]).write_text(
+            _config(f"msstore-{node['name']}", node, peers, sync, cluster))
         procs[node["name"]] = _spawn(bin_path, node)
         node["pid"] = procs[node["name"]].pid
         node["url"] = f"nats://{HOST}:{node['port']}"
     _wait_ready(recs, procs)
     return {"pid": recs[0]["pid"], "port": recs[0]["port"], "nodes": recs,
-            "nodes_wanted": nodes, "sync": sync, "store": str(root),
+            "nodes_wanted": nodes, "sync": sync, "store": str(root), "cluster": cluster,
             "url": ",".join(n["url"] for n in recs)}
 
 
