@@ -21,14 +21,15 @@ WORKBOOK_INSTALL = "pip install 'msstore[workbook]'"
 EXTRAS = {
     "workbook": "pandas, numpy, matplotlib, JupyterLab and the knowledge extra",
     "knowledge": "the all-MiniLM-L6-v2 model with sentence-transformers and a CPU PyTorch",
+    "langgraph": "LangGraph and its checkpoint interfaces (langgraph, langgraph-checkpoint)",
 }
 
 
 @contextlib.contextmanager
 def needs_extra(feature: str, extra: str = "workbook") -> Iterator[None]:
     """Wrap the optional imports of ``feature``: an ``ImportError`` becomes a
-    :class:`MissingExtraError` that says which extra (``workbook`` or ``knowledge``) to
-    install.
+    :class:`MissingExtraError` that says which extra (``workbook``, ``knowledge`` or
+    ``langgraph``) to install.
 
     Used as ``with needs_extra("transitions_frame()"): import pandas as pd`` so that type
     checkers still see a plain import.

@@ -80,6 +80,15 @@ class LeaseLostError(ConflictError):
         self.task_ids = task_ids  # the refused tasks: each left exactly as it was
 
 
+class CheckpointConflictError(ConflictError):
+    """A LangGraph thread moved on since this checkpointer last saw it (another writer
+    extended it): this checkpoint was not written, so the history did not fork."""
+
+
+class SyncUnsupportedError(MsstoreError, RuntimeError):
+    """A synchronous method was called on the event loop an async-only object runs on."""
+
+
 class PendingWritesError(StoreUnavailableError):
     """Some SQL writes could not be committed within the retry budget; they are kept."""
 
@@ -142,6 +151,7 @@ class DataRejectedError(InvalidValueError):
 
 __all__ = [
     "BackpressureError",
+    "CheckpointConflictError",
     "ConflictError",
     "DataRejectedError",
     "IllegalTransitionError",
@@ -165,6 +175,7 @@ __all__ = [
     "StoreError",
     "StoreTimeoutError",
     "StoreUnavailableError",
+    "SyncUnsupportedError",
     "UnderReplicatedWarning",
     "ValueTooLargeError",
 ]
