@@ -126,8 +126,36 @@ async def create_hydrated(js: JetStreamContext, subject: str, data: bytes) -> bo
     return True
 
 
+async def newest_entries(js: JetStreamContext, kv: KeyValue, bucket: str, pattern: str, *,
+                         entry_timeout: float = 5.0) -> list[KeyValue.Entry]:
+    """The newest entry (value or delete marker) of every key matching ``pattern``, once through.
+
+    nats-py's watch reports "caught up" (None) when the consumer has nothing pending and the
+    client has counted no delivery yet — which can be the case while every message is still in
+    the socket, so a loaded process reads nothing where keys exist. The stream's count of
+    matching subjects decides instead: none, and the answer is empty; else read until the entry
+    with nothing pending after it (``entry_timeout`` between entries raises nats' TimeoutError).
+    """
+    info = await js.stream_info(kv_stream(bucket), subjects_filter=kv_prefix(bucket) + pattern)
+    if not info.state.subjects:
+        return []
+    watcher = await kv.watch(pattern)
+    out: list[KeyValue.Entry] = []
+    try:
+        while True:
+            entry = await watcher.updates(timeout=entry_timeout)  # type: ignore[no-untyped-call]
+            if entry is None:  # nats-py's early "caught up": the subjects say otherwise
+                continue
+            out.append(entry)
+            if not entry.delta:
+                return out
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+
+
 __all__ = ["DELETE_OPS", "FLUSH_KEY", "HYDRATED", "KV_OP", "create_hydrated", "kv_prefix",
-           "kv_stream", "publish_delete", "seq_and_time", "split_agent_key", "stream_epoch"]
+           "kv_stream", "newest_entries", "publish_delete", "seq_and_time", "split_agent_key",
+           "stream_epoch"]
 
 
 # --------------------------------------------------------------------------- writers' helpers

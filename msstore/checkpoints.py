@@ -58,23 +58,21 @@ class RestoreResult:
     removed: int
 
 
-async def snapshot(kv: KeyValue, agent: uuid.UUID, *, nats_timeout: float) -> Snapshot:
-    """Watch the agent's keys once through: the latest entry of each, in one pass."""
+async def snapshot(js: JetStreamContext, kv: KeyValue, bucket: str, agent: uuid.UUID, *,
+                   nats_timeout: float) -> Snapshot:
+    """The latest entry of each of the agent's keys, in one pass (delete markers included)."""
     values: dict[str, bytes] = {}
     revisions: dict[str, int] = {}
     with nats_errors(f"snapshot agent {agent}"):
-        watcher = await kv.watch(f"{encode_token(str(agent))}.>")
-        try:
-            while (entry := await watcher.updates(  # type: ignore[no-untyped-call]
-                    timeout=nats_timeout)) is not None:
-                key = split_key(entry.key, 1)[1]
-                revisions[key] = int(entry.revision)
-                if entry.operation in _nats.DELETE_OPS:
-                    values.pop(key, None)
-                else:
-                    values[key] = entry.value or b"null"
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+        entries = await _nats.newest_entries(js, kv, bucket, f"{encode_token(str(agent))}.>",
+                                             entry_timeout=nats_timeout)
+    for entry in entries:
+        key = split_key(entry.key, 1)[1]
+        revisions[key] = int(entry.revision or 0)
+        if entry.operation in _nats.DELETE_OPS:
+            values.pop(key, None)
+        else:
+            values[key] = entry.value or b"null"
     return Snapshot(values, revisions)
 
 

@@ -254,7 +254,8 @@ class StateLifecycleManager(AgentIO):
         agent = agent_uuid(agent_id)
         kv = self._bucket()
         async with self._alone(agent):
-            snap = await checkpoints.snapshot(kv, agent, nats_timeout=self.nats_timeout)
+            snap = await checkpoints.snapshot(self.ms.js, kv, self.bucket, agent,
+                                              nats_timeout=self.nats_timeout)
             checkpoint_id = await checkpoints.save(self.ms.pool, agent, snap,
                                                    sql_timeout=self.sql_timeout)
         self.counters["checkpoints"] += 1
@@ -273,7 +274,8 @@ class StateLifecycleManager(AgentIO):
         values, kv_revision = await checkpoints.load(self.ms.pool, agent, cp,
                                                      sql_timeout=self.sql_timeout)
         async with self._alone(agent) as slot:
-            current = await checkpoints.snapshot(kv, agent, nats_timeout=self.nats_timeout)
+            current = await checkpoints.snapshot(self.ms.js, kv, self.bucket, agent,
+                                              nats_timeout=self.nats_timeout)
             removed = sorted(set(current.revisions) - set(values))
             changes = await checkpoints.write_back(self.ms.js, kv, self.subject_prefix, agent,
                                                    values, removed)

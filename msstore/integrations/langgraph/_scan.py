@@ -12,8 +12,10 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 
+from ..._nats import DELETE_OPS, newest_entries
 from ..._pg import pg_errors
 from ...codec import loads
 from ...kv import nats_errors
@@ -34,22 +36,13 @@ WHERE starts_with(key, 'cp.') AND value @> $1::jsonb
 Found = dict[tuple[uuid.UUID, str], Any]
 
 
-async def kv_entries(kv: KeyValue, pattern: str) -> dict[str, bytes | None]:
+async def kv_entries(js: JetStreamContext, kv: KeyValue, bucket: str,
+                     pattern: str) -> dict[str, bytes | None]:
     """Every key of ``kv`` matching the subject ``pattern``: its value, None if deleted."""
-    out: dict[str, bytes | None] = {}
     with nats_errors(f"list KV keys {pattern!r}"):
-        watcher = await kv.watch(pattern)
-        try:
-            async for entry in watcher:
-                if entry is None:  # caught up: everything that existed has been delivered
-                    break
-                deleted = entry.operation in (KV_DEL, KV_PURGE)
-                out[entry.key] = None if deleted else (entry.value or b"null")
-                if not entry.delta:
-                    break
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
-    return out
+        entries = await newest_entries(js, kv, bucket, pattern)
+    return {entry.key: None if entry.operation in DELETE_OPS else (entry.value or b"null")
+            for entry in entries}
 
 
 async def scan(hsm: HybridStateManager, agent: uuid.UUID | None, prefix: str,
@@ -62,7 +55,8 @@ async def scan(hsm: HybridStateManager, agent: uuid.UUID | None, prefix: str,
     pattern = f"{'*' if agent is None else agent}.{prefix}>"
     found: Found = {}
     seen: set[tuple[uuid.UUID, str]] = set()
-    for kv_key, data in (await kv_entries(hsm.engine.kv, pattern)).items():
+    for kv_key, data in (await kv_entries(hsm.ms.js, hsm.engine.kv, hsm.engine.bucket,
+                                             pattern)).items():
         agent_text, key = kv_key.split(".", 1)
         where = (uuid.UUID(agent_text), key)
         seen.add(where)

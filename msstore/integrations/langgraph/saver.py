@@ -276,7 +276,8 @@ class MsstoreSaver(Managed, BaseCheckpointSaver[str]):
         """Forget a thread's heads (all namespaces, or one): the next aput starts afresh."""
         assert self._heads is not None
         keys = [L.head_key(agent, ns)] if ns is not None else [
-            k for k, v in (await _heads_of(self._heads, agent)).items() if v is not None]
+            k for k, v in (await kv_entries(self.ms.js, self._heads, self.heads_bucket,
+                                     f"{agent}.>")).items() if v is not None]
         with nats_errors("delete a thread's heads"):
             for key in keys:
                 await self._heads.delete(key)
@@ -417,10 +418,6 @@ class MsstoreSaver(Managed, BaseCheckpointSaver[str]):
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         self._sync(lambda: self.aprune(thread_ids, strategy=strategy))
-
-
-async def _heads_of(heads: KeyValue, agent: uuid.UUID) -> dict[str, bytes | None]:
-    return await kv_entries(heads, f"{agent}.>")
 
 
 __all__ = ["DEFAULT_BUCKET", "PRUNE_STRATEGIES", "MsstoreSaver"]
