@@ -15,6 +15,7 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,46 @@ async def test_after_flush_postgresql_holds_every_checkpoint_blob_and_write(
     await saver.adelete_thread(tid)
     await saver.flush()
     assert await rows(ms, agent, "") == 0
+
+
+async def test_keep_last_bounds_a_thread_to_its_newest_checkpoints_with_their_blobs(
+        ms: msstore.Connection, unique: Callable[[str], str]) -> None:
+    tid, parent, ids = str(uuid.uuid4()), None, []
+    async with MsstoreSaver(ms, bucket=unique("lgkeep"), keep_last=3) as s:
+        for step in range(10):  # retention runs after checkpoints 3, 6 and 9
+            stored = await put(s, tid, parent, step=step, x=step, y=[step])
+            parent = stored["configurable"]["checkpoint_id"]
+            ids.append(parent)
+            await s.aput_writes(stored, [("x", f"w{step}")], "task-1")
+        listed = [t async for t in s.alist(generate_config(tid))]
+        assert [t.config["configurable"]["checkpoint_id"] for t in listed] == ids[:-5:-1]
+        assert [t.checkpoint["channel_values"] for t in listed] == [
+            {"x": n, "y": [n]} for n in (9, 8, 7, 6)]  # every kept checkpoint keeps its blobs
+        assert [t.pending_writes for t in listed] == [[("task-1", "x", f"w{n}")]
+                                                      for n in (9, 8, 7, 6)]
+        await s.flush()
+        agent = thread_agent(s.bucket, tid)
+        assert (await rows(ms, agent, "cp."), await rows(ms, agent, "bl."),
+                await rows(ms, agent, "wr.")) == (4, 8, 4)
+
+
+async def test_max_age_lets_old_checkpoints_go_but_keeps_the_newest(
+        ms: msstore.Connection, unique: Callable[[str], str]) -> None:
+    tid, parent = str(uuid.uuid4()), None
+    old = (datetime.now(UTC) - timedelta(hours=2)).isoformat()
+    async with MsstoreSaver(ms, bucket=unique("lgage"), max_age=3600) as s:
+        for step in range(10):  # retention runs after the 10th checkpoint
+            cp = generate_checkpoint(channel_values={"x": step},
+                                     channel_versions={"x": step + 1})
+            if step < 8:
+                cp["ts"] = old
+            stored = await s.aput(generate_config(tid, checkpoint_id=parent), cp,
+                                  generate_metadata(step=step), {"x": step + 1})
+            parent = stored["configurable"]["checkpoint_id"]
+        listed = [t async for t in s.alist(generate_config(tid))]
+        assert [t.checkpoint["channel_values"] for t in listed] == [{"x": 9}, {"x": 8}]
+    with pytest.raises(msstore.InvalidOptionError, match="keep_last"):
+        MsstoreSaver(ms, keep_last=0)
 
 
 async def test_sync_methods_work_from_another_thread_and_refuse_on_the_loop(

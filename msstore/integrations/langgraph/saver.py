@@ -28,6 +28,7 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import nats.js.errors
@@ -45,12 +46,15 @@ from langgraph.checkpoint.base import (
 from langgraph.checkpoint.serde.base import SerializerProtocol
 from nats.js.kv import KeyValue
 
+from ..._check import positive_int, positive_seconds
 from ..._managed import Managed
-from ...errors import CheckpointConflictError, InvalidOptionError, SyncUnsupportedError
+from ...errors import CheckpointConflictError, InvalidOptionError
 from ...hybrid import HybridStateManager
 from ...kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket, nats_errors
 from . import _layout as L
+from ._retention import let_go
 from ._scan import Found, kv_entries, scan
+from ._sync import run_sync
 
 if TYPE_CHECKING:
     from ...connection import Connection
@@ -71,8 +75,13 @@ class MsstoreSaver(Managed, BaseCheckpointSaver[str]):
 
     ``bucket`` names the KV bucket (and ``<bucket>_heads``, the compare-and-set of each
     namespace's newest checkpoint); ``ttl`` is its KV max age (PostgreSQL keeps everything
-    until deleted); ``serde`` is LangGraph's serializer (its default when None); the other
-    options go to the :class:`~msstore.HybridStateManager` that does the writing.
+    until deleted); ``serde`` is LangGraph's serializer (its default when None).
+
+    Retention (off by default, as in LangGraph's savers): ``keep_last`` keeps the newest N
+    checkpoints of each namespace, ``max_age`` (seconds) lets go of older ones — the newest is
+    always kept. It runs inside ``aput`` once every ``keep_last`` (else 10) checkpoints of a
+    namespace, so a thread stays bounded at an amortised cost. The other options go to the
+    :class:`~msstore.HybridStateManager` that does the writing.
     """
 
     _usage = "`async with MsstoreSaver(ms) as saver` or `await MsstoreSaver.open(ms)`"
@@ -80,8 +89,11 @@ class MsstoreSaver(Managed, BaseCheckpointSaver[str]):
     def __init__(self, ms: Connection, *, bucket: str = DEFAULT_BUCKET,
                  serde: SerializerProtocol | None = None, ttl: float = DEFAULT_TTL_SECONDS,
                  replicas: int | None = None, flush_interval: float = 1.0,
-                 flush_threshold: int = 50, close_timeout: float | None = 30.0) -> None:
+                 flush_threshold: int = 50, close_timeout: float | None = 30.0,
+                 keep_last: int | None = None, max_age: float | None = None) -> None:
         BaseCheckpointSaver.__init__(self, serde=serde)
+        self.keep_last = None if keep_last is None else positive_int("keep_last", keep_last)
+        self.max_age = None if max_age is None else positive_seconds("max_age", max_age)
         self.ms = ms
         self.bucket = check_bucket_name(bucket)
         self.heads_bucket = check_bucket_name(f"{bucket}_heads")
@@ -95,6 +107,8 @@ class MsstoreSaver(Managed, BaseCheckpointSaver[str]):
         #: the heads-bucket revision this saver last saw per namespace (0: none existed)
         self._seen: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: aput calls per namespace since its retention last ran (see :meth:`_retain`)
+        self._since_retained: dict[str, int] = {}
 
     async def _start(self) -> None:
         await self.hsm.start()
@@ -177,6 +191,7 @@ class MsstoreSaver(Managed, BaseCheckpointSaver[str]):
                                                  if k != "channel_values"}),
                **L.metadata_fields(self.serde, dict(md))}
         await self.hsm.write_state(agent, L.checkpoint_key(ns, cid), doc)
+        await self._retain(agent, L.head_key(agent, ns))
         return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns,
                                  "checkpoint_id": cid}}
 
@@ -343,20 +358,21 @@ class MsstoreSaver(Managed, BaseCheckpointSaver[str]):
                 continue
             agent = self._agent(thread_id)
             found = await scan(self.hsm, agent, "")
-            newest: dict[str, dict[str, Any]] = {}
-            for (_, key), doc in found.items():
-                if key.startswith("cp.") and doc["checkpoint_id"] > newest.get(
-                        doc["checkpoint_ns"], {}).get("checkpoint_id", ""):
-                    newest[doc["checkpoint_ns"]] = doc
-            keep = set()
-            for ns, doc in newest.items():
-                keep.add(L.checkpoint_key(ns, doc["checkpoint_id"]))
-                versions = L.unpack(self.serde, doc["checkpoint"])["channel_versions"]
-                keep |= {L.blob_key(ns, ch, v) for ch, v in versions.items()}
-            kept_writes = tuple(L.writes_prefix(ns, d["checkpoint_id"])
-                                for ns, d in newest.items())
-            await self._remove({where for where in found if where[1] not in keep
-                                and not where[1].startswith(kept_writes or ("\x00",))})
+            await self._remove(let_go(found, self.serde, keep_last=1))
+
+    async def _retain(self, agent: uuid.UUID, head_key: str) -> None:
+        """Apply ``keep_last``/``max_age`` to the thread, once every so many checkpoints."""
+        if self.keep_last is None and self.max_age is None:
+            return
+        since = self._since_retained[head_key] = self._since_retained.get(head_key, 0) + 1
+        if since < (self.keep_last or 10):
+            return
+        self._since_retained[head_key] = 0
+        cutoff = None if self.max_age is None else (
+            datetime.now(UTC) - timedelta(seconds=self.max_age))
+        found = await scan(self.hsm, agent, "")
+        await self._remove(let_go(found, self.serde, keep_last=self.keep_last or len(found),
+                                  older_than=cutoff))
 
     # ---------------------------------------------------------------- versions, sync
 
@@ -371,21 +387,8 @@ class MsstoreSaver(Managed, BaseCheckpointSaver[str]):
         return f"{current_v + 1:032}.{random.random():016}"
 
     def _sync(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Run an async method from another thread on the saver's loop (never on that loop)."""
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if self._loop is None or running is self._loop:
-            raise SyncUnsupportedError(
-                "MsstoreSaver is async: use the graph's async methods (ainvoke, astream, "
-                "aget_state), or call the sync ones from a thread other than the event loop "
-                "the saver was opened on")
-
-        async def run() -> T:
-            return await call()
-
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+        return run_sync(self._loop, call, "MsstoreSaver",
+                        "use the graph's async methods (ainvoke, astream, aget_state)")
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         return self._sync(lambda: self.aget_tuple(config))
