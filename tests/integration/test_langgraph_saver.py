@@ -164,7 +164,7 @@ async def test_after_flush_postgresql_holds_every_checkpoint_blob_and_write(
     await saver.flush()
     agent = thread_agent(saver.bucket, tid)
     assert (await rows(ms, agent, "cp."), await rows(ms, agent, "bl."),
-            await rows(ms, agent, "wr.")) == (5, 10, 2)
+            await rows(ms, agent, "wr.")) == (5, 5, 2)  # x (an int) is inline: y's blobs
     steps = await ms.pool.fetch(
         "SELECT (value->'metadata'->>'step')::int AS step FROM agents.state "
         "WHERE agent_id = $1 AND starts_with(key, 'cp.') ORDER BY 1", agent)
@@ -172,7 +172,7 @@ async def test_after_flush_postgresql_holds_every_checkpoint_blob_and_write(
     await saver.aprune([tid])
     await saver.flush()
     assert (await rows(ms, agent, "cp."), await rows(ms, agent, "bl."),
-            await rows(ms, agent, "wr.")) == (1, 2, 2)
+            await rows(ms, agent, "wr.")) == (1, 1, 2)
     await saver.adelete_thread(tid)
     await saver.flush()
     assert await rows(ms, agent, "") == 0
@@ -196,7 +196,7 @@ async def test_keep_last_bounds_a_thread_to_its_newest_checkpoints_with_their_bl
         await s.flush()
         agent = thread_agent(s.bucket, tid)
         assert (await rows(ms, agent, "cp."), await rows(ms, agent, "bl."),
-                await rows(ms, agent, "wr.")) == (4, 8, 4)
+                await rows(ms, agent, "wr.")) == (4, 4, 4)  # y's blobs (x is inline)
 
 
 async def test_max_age_lets_old_checkpoints_go_but_keeps_the_newest(

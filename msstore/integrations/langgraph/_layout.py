@@ -5,7 +5,8 @@ UUIDs and LangGraph's thread ids are any string. Its keys in ``agents.state`` (a
 ``<agent>.<key>``)::
 
     cp.<ns>.<checkpoint_id>                       the checkpoint without its channel values
-    bl.<ns>.<channel>.<version>                   one channel value, stored once per version
+    bl.<ns>.<channel>.<version>                   one channel value, once per version (small
+                                                  ones go inline in the checkpoint)
     wr.<ns>.<checkpoint_id>.<task_id>.<idx>       one pending write
 
 Every ``<…>`` is a :func:`token`: the string itself behind ``i`` when it is made of letters,
@@ -88,6 +89,18 @@ def key_tokens(key: str) -> list[str]:
     return [untoken(t) for t in key.split(".")[1:]]
 
 
+#: a str channel value up to this many characters goes inline with its checkpoint
+INLINE_STR: Final = 256
+
+
+def inline(value: object) -> bool:
+    """Kept in the checkpoint document itself (as LangGraph's PostgreSQL saver keeps
+    primitives), not as a blob: None, bools, numbers and short strings, repeated per
+    checkpoint because they cost less than a key, a round trip and a row of their own."""
+    return value is None or type(value) in (bool, int, float) or (
+        type(value) is str and len(value) <= INLINE_STR)
+
+
 # ------------------------------------------------------------------ serde ⇄ JSON
 
 
@@ -126,6 +139,7 @@ __all__ = [
     "checkpoint_key",
     "checkpoint_prefix",
     "head_key",
+    "inline",
     "key_tokens",
     "metadata_fields",
     "metadata_of",

@@ -170,25 +170,32 @@ class MsstoreSaver(Managed, BaseCheckpointSaver[str]):
     async def aput(self, config: RunnableConfig, checkpoint: Checkpoint,
                    metadata: CheckpointMetadata, new_versions: ChannelVersions
                    ) -> RunnableConfig:
-        """Store a checkpoint (new channel values once each); return its config at KV's ack."""
+        """Store a checkpoint (new channel values once each, small ones inline); return its
+        config at KV's ack."""
         self._check_open()
         conf = config["configurable"]
         thread_id, ns = str(conf["thread_id"]), str(conf.get("checkpoint_ns", ""))
         agent, cid = self._agent(thread_id), checkpoint["id"]
-        await self._advance_head(thread_id, agent, ns, cid)
         values = checkpoint["channel_values"]
-        await asyncio.gather(*(
-            self.hsm.write_state(agent, L.blob_key(ns, channel, version),
-                                 L.pack(self.serde, values[channel]) if channel in values
-                                 else L.EMPTY)
-            for channel, version in new_versions.items()))
+        inline = {ch: v for ch, v in values.items() if L.inline(v)}
+        # the compare-and-set and the new blobs at once: a blob's key names its version, so
+        # one written for a checkpoint that then lost the race is never read
+        done = await asyncio.gather(
+            self._advance_head(thread_id, agent, ns, cid),
+            *(self.hsm.write_state(agent, L.blob_key(ns, channel, version),
+                                   L.pack(self.serde, values[channel]) if channel in values
+                                   else L.EMPTY)
+              for channel, version in new_versions.items() if channel not in inline),
+            return_exceptions=True)
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
         md = get_checkpoint_metadata(config, metadata)
         doc = {"lg": "checkpoint", "bucket": self.bucket, "thread_id": thread_id,
                "checkpoint_ns": ns, "checkpoint_id": cid,
                "parent_checkpoint_id": conf.get("checkpoint_id"), "run_id": md.get("run_id"),
                "ts": checkpoint.get("ts"),
-               "checkpoint": L.pack(self.serde, {k: v for k, v in checkpoint.items()
-                                                 if k != "channel_values"}),
+               "checkpoint": L.pack(self.serde, {**checkpoint, "channel_values": inline}),
                **L.metadata_fields(self.serde, dict(md))}
         await self.hsm.write_state(agent, L.checkpoint_key(ns, cid), doc)
         await self._retain(agent, L.head_key(agent, ns))
@@ -263,14 +270,16 @@ class MsstoreSaver(Managed, BaseCheckpointSaver[str]):
         """A stored document as LangGraph's tuple: channel values from their blobs, writes."""
         ns, cid = doc["checkpoint_ns"], doc["checkpoint_id"]
         checkpoint = L.unpack(self.serde, doc["checkpoint"])
-        versions = list(checkpoint["channel_versions"].items())
+        inline = checkpoint.get("channel_values") or {}
+        versions = [(ch, v) for ch, v in checkpoint["channel_versions"].items()
+                    if ch not in inline]
         blobs, writes = await asyncio.gather(
             asyncio.gather(*(self.hsm.read_state(agent, L.blob_key(ns, ch, v), default=None)
                              for ch, v in versions)),
             scan(self.hsm, agent, L.writes_prefix(ns, cid)))
-        checkpoint["channel_values"] = {
+        checkpoint["channel_values"] = {**inline, **{
             ch: L.unpack(self.serde, blob) for (ch, _), blob in zip(versions, blobs, strict=True)
-            if blob is not None and blob.get("t") != "empty"}
+            if blob is not None and blob.get("t") != "empty"}}
         pending = sorted(writes.values(), key=lambda w: (w["task_path"], w["task_id"], w["idx"]))
         conf = {"thread_id": doc["thread_id"], "checkpoint_ns": ns}
         parent = doc.get("parent_checkpoint_id")
