@@ -13,6 +13,7 @@ id     module           candidate vs baseline
 4      ``hydrate``      ``hydrate_agent`` vs the seed's put-per-key loop
 5      ``write_behind`` write-behind vs write-through under Zipf
 6      ``read_path``    tiered cache vs PostgreSQL-only and KV-only reads under Zipf
+10     ``langgraph``    ``MsstoreSaver`` vs ``AsyncPostgresSaver``: overhead, 16 threads, rows
 11     ``cluster``      R3 vs R1, fsync ``always`` vs default, 2/4 flusher processes vs 1
 =====  ===============  ====================================================================
 """

@@ -263,6 +263,31 @@ def cluster(frame: pd.DataFrame) -> Figure:
     return fig
 
 
+def langgraph(frame: pd.DataFrame) -> Figure:
+    """Overhead per superstep over InMemorySaver, steps/s with 16 threads, PostgreSQL rows."""
+    fig = Figure(figsize=(11, 3.8))
+    a1, a2, a3 = fig.subplots(1, 3)
+    labels, colors = ["MsstoreSaver", "AsyncPostgresSaver"], ["tab:blue", "tab:red"]
+    _bars(a1, labels, [frame[f"{k}_overhead_s"].median() * 1e6 for k in ("msstore", "postgres")],
+          "µs per superstep over InMemorySaver", colors=colors)
+    a1.set_title(f"#10 overhead ({frame.attrs.get('steps', 0)} steps, 1 thread):\n"
+                 f"MsstoreSaver {_ratio(frame, 'msstore_overhead_s', 'postgres_overhead_s'):.2f}"
+                 "× the PG saver's", fontsize=9)
+    _bars(a2, [*labels, "InMemorySaver"],
+          [frame[f"{k}_steps_per_s"].median() for k in ("msstore", "postgres", "memory")],
+          "supersteps / s (median)", colors=[*colors, "tab:gray"])
+    a2.set_title(f"#10 {frame.attrs.get('threads', 16)} threads at once:\nMsstoreSaver "
+                 f"{_ratio(frame, 'msstore_steps_per_s', 'postgres_steps_per_s'):.2f}× the "
+                 "PG saver's steps/s", fontsize=9)
+    _bars(a3, labels, [frame[f"{k}_rows_per_1k"].median() for k in ("msstore", "postgres")],
+          "rows per 1,000 supersteps", colors=colors)
+    a3.set_title(f"#10 PostgreSQL rows written:\nMsstoreSaver "
+                 f"{_ratio(frame, 'msstore_rows_per_1k', 'postgres_rows_per_1k'):.2f}× the PG "
+                 "saver's", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 CHARTS = {"cluster": cluster, "flush": flush, "write": write, "l1": l1, "hydrate": hydrate,
           "write_behind": write_behind, "read_path": read_path, "queue": queue,
-          "knowledge": knowledge, "message_log": message_log}
+          "knowledge": knowledge, "message_log": message_log, "langgraph": langgraph}

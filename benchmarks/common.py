@@ -34,6 +34,7 @@ SCALES: dict[str, dict[str, int]] = {
         "queue_latency_tasks": 40, "queue_reps": 2,
         "msglog_messages": 20_000, "msglog_reps": 3, "msglog_calls": 40,
         "kb_passages": 2_000, "kb_queries": 50,
+        "lg_steps": 100, "lg_conc_steps": 20, "lg_reps": 2,
         "cluster_write_ops": 300, "cluster_flush_keys": 2_000, "cluster_reps": 1,
     },
     "full": {
@@ -47,6 +48,7 @@ SCALES: dict[str, dict[str, int]] = {
         "queue_latency_tasks": 200, "queue_reps": 3,
         "msglog_messages": 200_000, "msglog_reps": 5, "msglog_calls": 100,
         "kb_passages": 10_000, "kb_queries": 200,
+        "lg_steps": 200, "lg_conc_steps": 50, "lg_reps": 5,
         "cluster_write_ops": 2_000, "cluster_flush_keys": 10_000, "cluster_reps": 3,
     },
 }

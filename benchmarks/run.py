@@ -36,6 +36,7 @@ from . import (
     hydrate,
     knowledge,
     l1,
+    langgraph,
     message_log,
     queue,
     read_path,
@@ -51,7 +52,8 @@ Bench = Callable[[msstore.Connection, dict[str, int]], Awaitable[tuple[list[Comp
 BENCHMARKS: dict[int, tuple[str, Any]] = {
     1: ("flush", flush), 2: ("write", write), 5: ("write_behind", write_behind),
     3: ("l1", l1), 4: ("hydrate", hydrate), 6: ("read_path", read_path), 7: ("queue", queue),
-    8: ("knowledge", knowledge), 9: ("message_log", message_log), 11: ("cluster", cluster),
+    8: ("knowledge", knowledge), 9: ("message_log", message_log), 10: ("langgraph", langgraph),
+    11: ("cluster", cluster),
 }
 DEFAULT_OUT = Path("benchmarks/results")
 
@@ -206,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scale", choices=["ci", "full"],
                    default=os.environ.get("MSSTORE_SCALE", "ci"))
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--only", default="", help="comma-separated ids (1-7); default: all")
+    p.add_argument("--only", default="", help="comma-separated ids (1-11); default: all")
     args = p.parse_args(argv)
     only = [int(x) for x in args.only.split(",") if x.strip()] or None
     result = asyncio.run(run_suite(args.scale, args.out, only=only))
