@@ -23,6 +23,11 @@ class InvalidAgentIdError(InvalidKeyError):
     """An agent id is not a UUID."""
 
 
+class InvalidNamespaceError(InvalidKeyError):
+    """A LangGraph store namespace is not a tuple of non-empty str labels without '.' or NUL
+    (and an item's namespace is not empty and not rooted at 'langgraph')."""
+
+
 class InvalidValueError(MsstoreError, ValueError):
     """A value or option has the wrong shape for the layer it is routed to."""
 
@@ -158,6 +163,7 @@ __all__ = [
     "InvalidAgentIdError",
     "InvalidCursorError",
     "InvalidKeyError",
+    "InvalidNamespaceError",
     "InvalidOptionError",
     "InvalidValueError",
     "LeaseLostError",

@@ -10,5 +10,6 @@ with needs_extra("msstore.integrations.langgraph", "langgraph"):
     import langgraph.checkpoint.base  # noqa: F401
 
 from .saver import DEFAULT_BUCKET, MsstoreSaver
+from .store import MsstoreStore
 
-__all__ = ["DEFAULT_BUCKET", "MsstoreSaver"]
+__all__ = ["DEFAULT_BUCKET", "MsstoreSaver", "MsstoreStore"]
