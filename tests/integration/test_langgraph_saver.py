@@ -164,7 +164,7 @@ async def test_after_flush_postgresql_holds_every_checkpoint_blob_and_write(
     await saver.flush()
     agent = thread_agent(saver.bucket, tid)
     assert (await rows(ms, agent, "cp."), await rows(ms, agent, "bl."),
-            await rows(ms, agent, "wr.")) == (5, 5, 2)  # x (an int) is inline: y's blobs
+            await rows(ms, agent, "wr.")) == (5, 5, 1)  # x (an int) is inline; one call, one key
     steps = await ms.pool.fetch(
         "SELECT (value->'metadata'->>'step')::int AS step FROM agents.state "
         "WHERE agent_id = $1 AND starts_with(key, 'cp.') ORDER BY 1", agent)
@@ -172,7 +172,7 @@ async def test_after_flush_postgresql_holds_every_checkpoint_blob_and_write(
     await saver.aprune([tid])
     await saver.flush()
     assert (await rows(ms, agent, "cp."), await rows(ms, agent, "bl."),
-            await rows(ms, agent, "wr.")) == (1, 1, 2)
+            await rows(ms, agent, "wr.")) == (1, 1, 1)
     await saver.adelete_thread(tid)
     await saver.flush()
     assert await rows(ms, agent, "") == 0

@@ -7,7 +7,7 @@ UUIDs and LangGraph's thread ids are any string. Its keys in ``agents.state`` (a
     cp.<ns>.<checkpoint_id>                       the checkpoint without its channel values
     bl.<ns>.<channel>.<version>                   one channel value, once per version (small
                                                   ones go inline in the checkpoint)
-    wr.<ns>.<checkpoint_id>.<task_id>.<idx>       one pending write
+    wr.<ns>.<checkpoint_id>.<task_id>.<idx>       one call's pending writes (idx: its first)
 
 Every ``<…>`` is a :func:`token`: the string itself behind ``i`` when it is made of letters,
 digits and ``-`` only (UUIDs stay readable), else ``h`` and its UTF-8 bytes in hex. Either way
@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import re
 import uuid
+from collections.abc import Iterable
 from typing import Any, Final
 
 from langgraph.checkpoint.serde.base import SerializerProtocol
@@ -101,6 +102,16 @@ def inline(value: object) -> bool:
         type(value) is str and len(value) <= INLINE_STR)
 
 
+def flat_writes(docs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pending writes of stored call documents, one per (task, index)."""
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for doc in docs:
+        for w in doc["writes"]:
+            out[(doc["task_id"], w["idx"])] = {**w, "task_id": doc["task_id"],
+                                               "task_path": doc["task_path"]}
+    return list(out.values())
+
+
 # ------------------------------------------------------------------ serde ⇄ JSON
 
 
@@ -138,6 +149,7 @@ __all__ = [
     "blob_key",
     "checkpoint_key",
     "checkpoint_prefix",
+    "flat_writes",
     "head_key",
     "inline",
     "key_tokens",

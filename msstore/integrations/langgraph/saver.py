@@ -204,18 +204,21 @@ class MsstoreSaver(Managed, BaseCheckpointSaver[str]):
 
     async def aput_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
                           task_id: str, task_path: str = "") -> None:
-        """Store a task's pending writes (one key each: a retried task rewrites, never adds)."""
+        """Store one call's pending writes as one key, named by its first index: a retried
+        task rewrites the key, never adds; LangGraph's special writes (negative indexes, one
+        per call) replace the previous one."""
         self._check_open()
+        if not writes:
+            return
         conf = config["configurable"]
         ns, cid = str(conf.get("checkpoint_ns", "")), str(conf["checkpoint_id"])
         agent = self._agent(conf["thread_id"])
-        docs = []
-        for idx, (channel, value) in enumerate(writes):
-            i = WRITES_IDX_MAP.get(channel, idx)
-            docs.append((L.write_key(ns, cid, task_id, i),
-                         {"task_id": task_id, "channel": channel, "idx": i,
-                          "task_path": task_path, **L.pack(self.serde, value)}))
-        await asyncio.gather(*(self.hsm.write_state(agent, k, d) for k, d in docs))
+        first = WRITES_IDX_MAP.get(writes[0][0], 0)
+        items = [{"channel": channel, "idx": WRITES_IDX_MAP.get(channel, idx),
+                  **L.pack(self.serde, value)} for idx, (channel, value) in enumerate(writes)]
+        await self.hsm.write_state(
+            agent, L.write_key(ns, cid, task_id, first),
+            {"task_id": task_id, "task_path": task_path, "writes": items})
 
     # ---------------------------------------------------------------- reads
 
@@ -280,7 +283,8 @@ class MsstoreSaver(Managed, BaseCheckpointSaver[str]):
         checkpoint["channel_values"] = {**inline, **{
             ch: L.unpack(self.serde, blob) for (ch, _), blob in zip(versions, blobs, strict=True)
             if blob is not None and blob.get("t") != "empty"}}
-        pending = sorted(writes.values(), key=lambda w: (w["task_path"], w["task_id"], w["idx"]))
+        pending = sorted(L.flat_writes(writes.values()),
+                         key=lambda w: (w["task_path"], w["task_id"], w["idx"]))
         conf = {"thread_id": doc["thread_id"], "checkpoint_ns": ns}
         parent = doc.get("parent_checkpoint_id")
         return CheckpointTuple(
