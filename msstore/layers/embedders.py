@@ -15,6 +15,7 @@ and compares a query only with rows of the same embedder.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import math
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from .._extras import needs_extra
-from ..errors import InvalidOptionError
+from ..errors import InvalidOptionError, InvalidValueError
 
 
 @runtime_checkable
@@ -155,5 +156,16 @@ class MiniLMEmbedder:
         return f"MiniLMEmbedder(batch_size={self.batch_size})"
 
 
+async def embed_texts(embedder: Embedder, texts: list[str], *,
+                      offload: bool = False) -> list[list[float]]:
+    """``embedder.embed(texts)``, in a worker thread when ``offload`` (a model that holds the
+    event loop for milliseconds), checked to give exactly one vector per text."""
+    vecs = await asyncio.to_thread(embedder.embed, texts) if offload else embedder.embed(texts)
+    if len(vecs) != len(texts):
+        raise InvalidValueError(f"the embedder returned {len(vecs)} vectors for "
+                                f"{len(texts)} texts")
+    return vecs
+
+
 __all__ = ["OFFLINE_ENV", "WORD_RE", "Embedder", "HashingEmbedder", "MiniLMEmbedder",
-           "embedder_name"]
+           "embed_texts", "embedder_name"]

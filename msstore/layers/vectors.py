@@ -8,7 +8,6 @@ Embedders live in :mod:`msstore.layers.embedders`.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,7 +28,7 @@ from ..errors import (
 from ..keys import check_key
 from ..router import Hit
 from ._common import as_pairs, check_limit
-from .embedders import WORD_RE, Embedder, HashingEmbedder, embedder_name
+from .embedders import WORD_RE, Embedder, HashingEmbedder, embed_texts, embedder_name
 from .sql import check_pool, jsonb
 
 if TYPE_CHECKING:
@@ -211,14 +210,7 @@ class VectorStore:
                    offload_embedding=offload_embedding, ef_search=ef_search)
 
     async def _embed(self, texts: list[str]) -> list[list[float]]:
-        if self.offload_embedding:
-            vecs = await asyncio.to_thread(self.embedder.embed, texts)
-        else:
-            vecs = self.embedder.embed(texts)
-        if len(vecs) != len(texts):
-            raise InvalidValueError(f"the embedder returned {len(vecs)} vectors for "
-                                    f"{len(texts)} texts")
-        return vecs
+        return await embed_texts(self.embedder, texts, offload=self.offload_embedding)
 
     @staticmethod
     def _text(key: str, value: Any) -> str:

@@ -63,7 +63,7 @@ from ..._pg import pg_errors
 from ...codec import MAX_VALUE_BYTES
 from ...errors import InvalidOptionError, InvalidValueError, StoreError
 from ...keys import check_key
-from ...layers.embedders import Embedder, embedder_name
+from ...layers.embedders import Embedder, embed_texts, embedder_name
 from ...layers.vectors import VectorStore, _vector_literal
 from . import _store_sql as Q
 from ._store_api import CheckedStore
@@ -127,12 +127,9 @@ class _Index:
     async def embed(self, texts: list[str]) -> list[list[float]]:
         if not texts:
             return []
-        if self._embedder is None:
-            vecs = await self._lc.aembed_documents(texts)
-        elif self._offload:
-            vecs = await asyncio.to_thread(self._embedder.embed, texts)
-        else:
-            vecs = self._embedder.embed(texts)
+        if self._embedder is not None:
+            return await embed_texts(self._embedder, texts, offload=self._offload)
+        vecs = await self._lc.aembed_documents(texts)
         if len(vecs) != len(texts):
             raise InvalidValueError(f"the embedder returned {len(vecs)} vectors for "
                                     f"{len(texts)} texts")
