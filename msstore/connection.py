@@ -8,6 +8,11 @@
 
 Servers are resolved by :func:`msstore.services.resolve` (env vars, else embedded servers
 started on demand); the schema is migrated on connect unless ``migrate=False``.
+
+Two PostgreSQL roles: the pool connects as the application role (embedded: ``msstore_app``,
+which reads and writes msstore's schemas and can change none of them); migrations, and
+:meth:`Connection.owner_connection` for DDL of your own, connect as the schema's owner
+(:attr:`Connection.migration_url`). With only ``MSSTORE_DATABASE_URL`` set, both are that URL.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -31,6 +36,7 @@ from nats.js import JetStreamContext
 
 from . import migrations, services
 from ._check import positive_seconds
+from ._credentials import redact
 from .codec import init_connection
 from .errors import InvalidOptionError, StoreUnavailableError
 from .services import Endpoints, ServerInfo
@@ -89,6 +95,8 @@ class Connection:
     js: JetStreamContext
     endpoints: Endpoints
     _listeners: _Listeners = field(default_factory=_Listeners, repr=False, compare=False)
+    #: The schema owner's URL (migrations, DDL); "" or the pool's URL: the same role.
+    migration_url: str = field(default="", repr=False)
 
     def add_listener(self, *, on_disconnect: Listener | None = None,
                      on_reconnect: Listener | None = None) -> Callable[[], None]:
@@ -109,8 +117,33 @@ class Connection:
         return self.endpoints.nats_url
 
     async def migrate(self, directory: Path | None = None) -> list[str]:
-        """Apply pending schema migrations; return the files applied by this call."""
-        return await migrations.migrate(self.pool, directory)
+        """Apply pending schema migrations as the schema's owner; return the files applied."""
+        if not self.migration_url or self.migration_url == self.database_url:
+            return await migrations.migrate(self.pool, directory)
+        async with self.owner_connection() as conn:
+            return await migrations.migrate(conn, directory)
+
+    @contextlib.asynccontextmanager
+    async def owner_connection(self) -> AsyncIterator[Any]:
+        """One connection as the schema's owner (JSONB codecs set), for migrations or DDL of
+        your own: the pool's role has no DDL rights. Where both are one role (only
+        ``MSSTORE_DATABASE_URL`` set), a connection of the pool."""
+        if not self.migration_url or self.migration_url == self.database_url:
+            async with self.pool.acquire() as pooled:
+                yield pooled
+            return
+        try:
+            conn = await asyncpg.connect(self.migration_url, timeout=DEFAULT_CONNECT_TIMEOUT)
+        except (asyncpg.PostgresError, OSError, TimeoutError) as e:
+            raise StoreUnavailableError(
+                f"cannot connect to PostgreSQL as the schema owner at "
+                f"{redact(self.migration_url)}: {e} ({type(e).__name__}); check "
+                f"{services.MIGRATION_URL_ENV} or the migration_url passed to connect()") from e
+        try:
+            await init_connection(conn)
+            yield conn
+        finally:
+            await conn.close()
 
     async def server_versions(self) -> dict[str, str]:
         """The versions the servers report over the wire (not the binaries on disk)."""
@@ -199,7 +232,7 @@ def _cause(e: BaseException, timeout: float) -> str:
         return f"unknown host ({e.strerror})"
     if isinstance(e, TimeoutError | asyncio.TimeoutError | nats.errors.TimeoutError):
         return f"no answer within {timeout:g} s (connect_timeout)"
-    if isinstance(e, nats.errors.AuthorizationError):
+    if isinstance(e, nats.errors.AuthorizationError) or "Authorization Violation" in str(e):
         return "authorization refused: check the user, password or token in the URL"
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
@@ -208,8 +241,8 @@ def _cause(e: BaseException, timeout: float) -> str:
 
 async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool,
                 min_size: int, max_size: int, home: Path | None,
-                connect_timeout: float, server_settings: Mapping[str, str] | None
-                ) -> Connection:
+                connect_timeout: float, server_settings: Mapping[str, str] | None,
+                migration_url: str | None = None) -> Connection:
     connect_timeout = positive_seconds("connect_timeout", connect_timeout)
     for given, schemes, what, var in ((database_url, POSTGRES_SCHEMES, "PostgreSQL",
                                        services.DATABASE_URL_ENV),
@@ -218,8 +251,13 @@ async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool
         if url:  # before starting anything: a wrong scheme is a typo, not an outage
             _check_scheme(url, schemes, what,
                           "the URL passed to msstore.connect()" if given else var)
+    if migration_url:
+        _check_scheme(migration_url, POSTGRES_SCHEMES, "PostgreSQL",
+                      "the migration_url passed to msstore.connect()")
     endpoints = await asyncio.to_thread(services.resolve, home, database_url, nats_url)
+    owner_url = migration_url or endpoints.migration_url
     pg_source = _source(database_url, services.DATABASE_URL_ENV, endpoints.postgres)
+    pg_shown = redact(endpoints.database_url)
     try:
         pool = await asyncpg.create_pool(
             endpoints.database_url, min_size=min_size, max_size=max_size, init=init_connection,
@@ -227,12 +265,12 @@ async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool
             server_settings={**DEFAULT_SERVER_SETTINGS, **(server_settings or {})})
     except asyncpg.PostgresError as e:  # it answered: a role, password or database problem
         raise StoreUnavailableError(
-            f"PostgreSQL at {endpoints.database_url} refused the connection: {e} "
+            f"PostgreSQL at {pg_shown} refused the connection: {e} "
             f"({type(e).__name__}); check the user, password and database name in "
             f"{pg_source}") from e
     except (OSError, TimeoutError) as e:
         raise StoreUnavailableError(
-            f"cannot connect to PostgreSQL at {endpoints.database_url}: "
+            f"cannot connect to PostgreSQL at {pg_shown}: "
             f"{_cause(e, connect_timeout)}; is it running? (fix {pg_source})") from e
     nc = NATS()
     listeners = _Listeners()
@@ -264,17 +302,18 @@ async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool
         cause = next((x for x in reversed(first_errors)
                       if not isinstance(x, nats.errors.NoServersError)), e)
         raise StoreUnavailableError(
-            f"cannot connect to NATS at {endpoints.nats_url}: {_cause(cause, connect_timeout)}; "
+            f"cannot connect to NATS at {redact(endpoints.nats_url)}: "
+            f"{_cause(cause, connect_timeout)}; "
             f"is it running? (fix {_source(nats_url, services.NATS_URL_ENV, endpoints.nats)})"
         ) from cause
     js = nc.jetstream()
-    conn = Connection(pool, nc, js, endpoints, listeners)
+    conn = Connection(pool, nc, js, endpoints, listeners, owner_url)
     try:
         await js.account_info()
     except Exception as e:
         await conn.close()
         raise StoreUnavailableError(
-            f"NATS at {endpoints.nats_url} answers but has no JetStream ({e!r}); "
+            f"NATS at {redact(endpoints.nats_url)} answers but has no JetStream ({e!r}); "
             "start nats-server with -js"
         ) from e
     if migrate:
@@ -313,7 +352,8 @@ class _Connect:
 def connect(database_url: str | None = None, nats_url: str | None = None, *,
             migrate: bool = True, min_size: int = 1, max_size: int = 10,
             home: Path | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-            server_settings: Mapping[str, str] | None = None) -> _Connect:
+            server_settings: Mapping[str, str] | None = None,
+            migration_url: str | None = None) -> _Connect:
     """Connect to PostgreSQL and NATS, starting embedded servers for whatever is not given.
 
     URLs passed here win over ``MSSTORE_DATABASE_URL`` / ``MSSTORE_NATS_URL``, which win over
@@ -324,10 +364,14 @@ def connect(database_url: str | None = None, nats_url: str | None = None, *,
     with the wrong scheme is an :class:`InvalidOptionError`, before any server is started.
     ``server_settings`` (PostgreSQL session settings) are applied over
     :data:`DEFAULT_SERVER_SETTINGS` (``jit=off``); pass ``{"jit": "on"}`` to keep JIT.
+    ``migration_url`` names the schema's owner for migrations and
+    :meth:`Connection.owner_connection`: by default the embedded server's owner, else
+    ``MSSTORE_MIGRATION_URL`` with ``MSSTORE_DATABASE_URL``, else the database URL itself.
     """
     return _Connect(database_url=database_url, nats_url=nats_url, migrate=migrate,
                     min_size=min_size, max_size=max_size, home=home,
-                    connect_timeout=connect_timeout, server_settings=server_settings)
+                    connect_timeout=connect_timeout, server_settings=server_settings,
+                    migration_url=migration_url)
 
 
 __all__ = ["Connection", "connect"]
