@@ -299,8 +299,11 @@ async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool
         with contextlib.suppress(Exception):
             await nc.close()
         await pool.close()
-        cause = next((x for x in reversed(first_errors)
-                      if not isinstance(x, nats.errors.NoServersError)), e)
+        tried = [x for x in reversed(first_errors)
+                 if not isinstance(x, nats.errors.NoServersError)]
+        # a refused login is the cause, though the server's closing socket comes after it
+        cause = next((x for x in tried if "Authorization Violation" in str(x)),
+                     tried[0] if tried else e)
         raise StoreUnavailableError(
             f"cannot connect to NATS at {redact(endpoints.nats_url)}: "
             f"{_cause(cause, connect_timeout)}; "

@@ -11,8 +11,9 @@ Migrations run as the schema's owner. When the server has the application role
 PASSWORD '…'``), each run ends by granting it exactly what the application needs and
 nothing more: ``USAGE`` on msstore's schemas (:data:`SCHEMAS`), ``SELECT, INSERT, UPDATE,
 DELETE`` on their tables, ``USAGE, SELECT`` on their sequences, the same by default for
-tables later migrations create, and ``SELECT`` on ``public.msstore_migrations``; only when
-something is missing, so a current database sees one catalog query. A run with nothing
+tables later migrations create, and ``SELECT`` on ``public.msstore_migrations``; and
+``TEMPORARY`` on the database is revoked from ``PUBLIC`` (temporary tables are DDL too). Only
+when something is missing, so a current database sees one catalog query. A run with nothing
 pending needs no DDL at all, so the application role may call it too.
 """
 
@@ -47,7 +48,8 @@ SELECT EXISTS (
         (c.relkind IN ('r', 'p') AND NOT has_table_privilege($2, c.oid, 'DELETE'))
         OR (c.relkind = 'S' AND NOT has_sequence_privilege($2, c.oid, 'USAGE')))
     UNION ALL
-    SELECT 1 WHERE NOT has_table_privilege($2, 'public.msstore_migrations', 'SELECT'))
+    SELECT 1 WHERE NOT has_table_privilege($2, 'public.msstore_migrations', 'SELECT')
+        OR has_database_privilege($2, current_database(), 'TEMP'))
 """
 
 _CREATE_TABLE = """
@@ -202,11 +204,15 @@ async def grant_application_role(conn: Any, role: str = PG_APP) -> bool:
         if not await conn.fetchval(_GRANTS_MISSING, list(SCHEMAS), role):
             return False
         present = [r[0] for r in await conn.fetch(
-            "SELECT nspname FROM pg_namespace WHERE nspname = ANY($1::text[]) ORDER BY 1",
-            list(SCHEMAS))]
-        who = f'"{role}"'
+            "SELECT quote_ident(nspname) FROM pg_namespace WHERE nspname = ANY($1::text[]) "
+            "ORDER BY 1", list(SCHEMAS))]
+        who, db = await conn.fetchrow("SELECT quote_ident($1), quote_ident(current_database())",
+                                      role)
         async with conn.transaction():
-            for schema in (f'"{s}"' for s in SCHEMAS if s in present):
+            # temporary tables are DDL too: the database's default lets PUBLIC make them
+            await conn.execute(f"REVOKE TEMPORARY ON DATABASE {db} FROM PUBLIC")
+            await conn.execute(f"GRANT CONNECT ON DATABASE {db} TO {who}")
+            for schema in present:
                 await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {who}")
                 await conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES "
                                    f"IN SCHEMA {schema} TO {who}")
