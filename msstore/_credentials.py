@@ -57,16 +57,27 @@ def load(home: Path) -> dict[str, dict[str, str]] | None:
 def ensure(home: Path) -> tuple[dict[str, dict[str, str]], bool]:
     """The credentials of ``home``, generated on first use; True when made by this call.
 
-    The file is created with ``O_EXCL`` and mode 0600 (never readable by another user, even
-    for a moment), then filled; callers hold the state folder's lock.
+    Callers hold the state folder's lock.
     """
     found = load(home)
     if found is not None:
         if path(home).stat().st_mode & 0o077:
             os.chmod(path(home), 0o600)  # our own file, copied with looser bits: close it
         return found, False
-    home.mkdir(parents=True, exist_ok=True)
     creds = _new()
+    save(home, creds)
+    return creds, True
+
+
+def renewed() -> dict[str, dict[str, str]]:
+    """New passwords for the same users (``msstore up --rotate-credentials``)."""
+    return _new()
+
+
+def save(home: Path, creds: dict[str, dict[str, str]]) -> None:
+    """Write the file with ``O_EXCL`` and mode 0600 (never readable by another user, even for a
+    moment), then move it into place."""
+    home.mkdir(parents=True, exist_ok=True)
     tmp = home / f".{FILE}.{os.getpid()}.tmp"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
@@ -74,7 +85,6 @@ def ensure(home: Path) -> tuple[dict[str, dict[str, str]], bool]:
     with os.fdopen(fd, "w") as fh:
         json.dump(creds, fh, indent=2)
     tmp.replace(path(home))
-    return creds, True
 
 
 def with_password(url: str, user: str, password: str) -> str:
@@ -101,5 +111,5 @@ def redact(url: str) -> str:
     return ",".join(out)
 
 
-__all__ = ["NATS_USER", "PG_APP", "PG_OWNER", "ensure", "load", "path", "redact",
-           "with_password"]
+__all__ = ["NATS_USER", "PG_APP", "PG_OWNER", "ensure", "load", "path", "redact", "renewed",
+           "save", "with_password"]

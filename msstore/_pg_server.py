@@ -198,7 +198,15 @@ def _hba_trusts(pgdata: Path) -> bool:
         return False
 
 
-def _setup_roles(bindir: Path, port: int, owner_pw: str, app_pw: str) -> None:
+def set_passwords(port: int, creds: dict[str, str], login_password: str | None = None) -> None:
+    """Set both roles' passwords to ``creds`` (logging in with ``login_password``, default the
+    owner's in ``creds``); create the application role and the database if missing."""
+    _setup_roles(postgres_bin(), port, creds["owner_password"], creds["app_password"],
+                 login_password)
+
+
+def _setup_roles(bindir: Path, port: int, owner_pw: str, app_pw: str,
+                 login_pw: str | None = None) -> None:
     if not (_TOKEN.match(owner_pw) and _TOKEN.match(app_pw)):
         raise ServiceError("the PostgreSQL passwords in the credentials file are not msstore's "
                            "tokens; delete the state folder's credentials.json to make new ones")
@@ -208,7 +216,7 @@ def _setup_roles(bindir: Path, port: int, owner_pw: str, app_pw: str) -> None:
              "-qAtX", "-f", "-"],
             input=_SETUP_SQL.format(owner_pw=owner_pw, app_pw=app_pw), capture_output=True,
             text=True, check=True, timeout=60,
-            env={**os.environ, "PGPASSWORD": owner_pw, "PGCONNECT_TIMEOUT": "10"})
+            env={**os.environ, "PGPASSWORD": login_pw or owner_pw, "PGCONNECT_TIMEOUT": "10"})
     except subprocess.CalledProcessError as e:
         raise ServiceError(f"setting up the embedded PostgreSQL's roles failed: "
                            f"{e.stderr.strip()}") from e
@@ -275,4 +283,4 @@ def stop_postgres(home: Path) -> None:
 
 
 __all__ = ["PG_DATABASE", "PG_OS_USER", "SYSTEM_STATE", "data_root", "pg_pid", "pg_user",
-           "pgdata_dir", "postgres_bin", "start_postgres", "stop_postgres"]
+           "pgdata_dir", "postgres_bin", "set_passwords", "start_postgres", "stop_postgres"]

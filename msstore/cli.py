@@ -25,6 +25,10 @@ from .errors import MsstoreError
 
 def _cmd_up(args: argparse.Namespace) -> int:
     endpoints = services.up(nats_nodes=args.nats_nodes, nats_sync=args.nats_sync)
+    if args.rotate_credentials:
+        endpoints = services.rotate_credentials()
+        print("new passwords: PostgreSQL (both roles) and NATS; restart the processes that "
+              "use the old URLs (`msstore env` prints the new ones)")
     for info in (endpoints.postgres, endpoints.nats):
         print(f"{info.name:<9} {redact(info.url)}  (pid {info.pid})")
     print(f"credentials: {credentials_path(services.state_home())} "
@@ -206,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nats-sync", choices=["default", "always"], default=None,
                     help="'always': every node fsyncs before acknowledging a write "
                          "(default: MSSTORE_NATS_SYNC, else as last time)")
+    up.add_argument("--rotate-credentials", action="store_true",
+                    help="new passwords for PostgreSQL and NATS (restarts NATS)")
     up.set_defaults(
         func=_cmd_up)
     down = sub.add_parser("down", help="stop the embedded servers")

@@ -48,10 +48,12 @@ from ._pg_server import (
     pg_pid,
     pgdata_dir,
     postgres_bin,
+    set_passwords,
     start_postgres,
     stop_postgres,
 )
 from ._procs import HOST, file_lock, pid_alive, port_open, wait_gone
+from .errors import ServiceError
 
 HOME_ENV = "MSSTORE_HOME"
 #: The owner's URL for migrations on an external server (default: MSSTORE_DATABASE_URL).
@@ -232,6 +234,26 @@ def down(home: Path | None = None, *,
     return stopped
 
 
+def rotate_credentials(home: Path | None = None) -> Endpoints:
+    """New passwords for both PostgreSQL roles and the NATS user (``msstore up
+    --rotate-credentials``): PostgreSQL takes them while it runs (open sessions stay open, new
+    ones need them), NATS is restarted with its new config (clients reconnect and must log in
+    again, so restart the processes that use the old URLs)."""
+    home = home or state_home()
+    up(home)
+    with file_lock(home / "services.lock"):
+        state = _read_state(home)
+        old = credentials.load(home)
+        if old is None or not isinstance(state.get("postgres", {}).get("port"), int):
+            raise ServiceError(f"nothing to rotate in {home}: run `msstore up` first")
+        new = credentials.renewed()
+        set_passwords(int(state["postgres"]["port"]),  # type: ignore[call-overload]
+                      new["postgres"], login_password=old["postgres"]["owner_password"])
+        credentials.save(home, new)
+        down(home, which=("nats",), locked=True)
+    return up(home)
+
+
 def purge(home: Path | None = None) -> list[str]:
     """Stop both embedded servers and delete all their data: the state folder and, when
     PostgreSQL's data lives in :data:`SYSTEM_STATE`, that folder too. Return what was stopped.
@@ -398,6 +420,7 @@ __all__ = [
     "postgres_bin",
     "purge",
     "resolve",
+    "rotate_credentials",
     "state_home",
     "status",
     "up",

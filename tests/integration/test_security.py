@@ -312,3 +312,26 @@ async def test_hostile_channels_and_collections_are_data_never_sql(
     assert await ms.pool.fetchval("SELECT to_regclass('agents.state') IS NOT NULL")
     await ms.pool.execute("DELETE FROM messages.log WHERE channel = ANY($1)", sneaky)
     await ms.pool.execute("DELETE FROM messages.channel_heads WHERE channel = ANY($1)", sneaky)
+
+
+async def test_rotating_the_credentials_locks_the_old_passwords_out(
+        embedded: None, tmp_path: Path) -> None:
+    home = tmp_path / "rotate"
+    before = await asyncio.to_thread(services.up, home)
+    try:
+        after = await asyncio.to_thread(services.rotate_credentials, home)
+        assert (after.postgres.port, after.nats.port) == (before.postgres.port, before.nats.port)
+        old = [before.database_url, before.migration_url]
+        assert old != [after.database_url, after.migration_url]
+        for url in old:
+            with pytest.raises(asyncpg.InvalidPasswordError):
+                await asyncpg.connect(url, timeout=5)
+        with pytest.raises(msstore.StoreUnavailableError, match="authorization refused"):
+            await msstore.connect(after.database_url, before.nats_url, migrate=False,
+                                  connect_timeout=5)
+        async with msstore.connect(after.database_url, after.nats_url,
+                                   migration_url=after.migration_url) as conn:
+            assert await conn.pool.fetchval("SELECT current_user") == "msstore_app"
+        assert (home / "credentials.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        await asyncio.to_thread(services.purge, home)
