@@ -291,10 +291,16 @@ def _endpoints_from_state(state: dict[str, dict[str, object]],
     return Endpoints(info("postgres"), info("nats"))
 
 
+def recorded(home: Path | None = None) -> Endpoints:
+    """The embedded servers ``home`` records, with their credentials; starts nothing and
+    ignores ``MSSTORE_*_URL`` (e.g. a private server of a test while those name others)."""
+    home = home or state_home()
+    return _endpoints_from_state(_read_state(home), credentials.load(home))
+
+
 def current(home: Path | None = None) -> Endpoints:
     """What ``connect()`` would use, without starting anything (URLs may not answer)."""
-    home = home or state_home()
-    ends = _endpoints_from_state(_read_state(home), credentials.load(home))
+    ends = recorded(home)
     db_url = os.environ.get(DATABASE_URL_ENV)
     pg = ServerInfo("postgres", db_url, "external",
                     owner_url=os.environ.get(MIGRATION_URL_ENV)) if db_url else ends.postgres
@@ -419,6 +425,7 @@ __all__ = [
     "pgdata_dir",
     "postgres_bin",
     "purge",
+    "recorded",
     "resolve",
     "rotate_credentials",
     "state_home",

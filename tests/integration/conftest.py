@@ -172,7 +172,6 @@ async def private_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
 
 
 def private_nats_url(home: Path) -> str:
-    """The URL of the private nats-server in ``home`` (stable across restarts)."""
-    import json
-
-    return str(json.loads((home / "services.json").read_text())["nats"]["url"])
+    """The URL of the private nats-server in ``home`` (stable across restarts), with its
+    credentials."""
+    return services.recorded(home).nats_url
