@@ -50,7 +50,10 @@ VISIBLE_WITHIN = 1.0
 
 
 def nodes(home: Path) -> list[dict[str, Any]]:
-    return list(json.loads((home / "services.json").read_text())["nats"]["nodes"])
+    """The node records of ``home``'s cluster, each ``url`` with the cluster's credentials."""
+    recs = list(json.loads((home / "services.json").read_text())["nats"]["nodes"])
+    urls = services.recorded(home).nats_url.split(",")  # in node order
+    return [{**rec, "url": authed} for rec, authed in zip(recs, urls, strict=True)]
 
 
 def url(home: Path) -> str:
