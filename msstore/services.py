@@ -396,6 +396,16 @@ def binary_version(name: str) -> str:
     return out.stdout.strip() or out.stderr.strip()
 
 
+def child_env(database_url: str, nats_url: str) -> dict[str, str]:
+    """This process' environment, pointing a child process's ``connect()`` at these servers.
+
+    URLs with passwords go to a child in its environment, never on its command line: any local
+    user can read a command line in ``/proc``, an environment only its owner. An inherited
+    ``MSSTORE_MIGRATION_URL`` is dropped (it may name another database)."""
+    env = {k: v for k, v in os.environ.items() if k != MIGRATION_URL_ENV}
+    return {**env, DATABASE_URL_ENV: database_url, NATS_URL_ENV: nats_url}
+
+
 def env_lines(endpoints: Endpoints) -> list[str]:
     """``export`` lines that point other shells (JupyterLab, psql, nats CLI) at these servers:
     the application's URL, the owner's for migrations (when it differs), NATS's."""
@@ -417,6 +427,7 @@ __all__ = [
     "Endpoints",
     "ServerInfo",
     "binary_version",
+    "child_env",
     "current",
     "data_root",
     "down",
