@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,11 @@ FIRST_CONNECT_WAIT: Final = 0.5
 #: The default bound on each server's first connection, seconds.
 DEFAULT_CONNECT_TIMEOUT: Final = 3.0
 NATS_SCHEMES: Final = ("nats", "tls", "ws", "wss")
+#: TLS to NATS: the CA file that signed the server's certificate (else the system's CAs), and
+#: a client certificate and key where the server asks for one. Setting any turns TLS on.
+NATS_TLS_CA_ENV: Final = "MSSTORE_NATS_TLS_CA"
+NATS_TLS_CERT_ENV: Final = "MSSTORE_NATS_TLS_CERT"
+NATS_TLS_KEY_ENV: Final = "MSSTORE_NATS_TLS_KEY"
 POSTGRES_SCHEMES: Final = ("postgresql", "postgres")
 
 
@@ -219,6 +225,25 @@ def _check_scheme(url: str, schemes: tuple[str, ...], what: str, where: str) -> 
                 f"expected {' or '.join(s + '://' for s in schemes)} (fix {where})")
 
 
+def nats_tls() -> ssl.SSLContext | None:
+    """The TLS context for NATS from ``MSSTORE_NATS_TLS_*`` (None: nats-py's default, which
+    still verifies a ``tls://`` server against the system's CAs). It verifies the certificate
+    chain and the host name, as ``sslmode=verify-full`` does for PostgreSQL."""
+    ca, cert, key = (os.environ.get(v) or None
+                     for v in (NATS_TLS_CA_ENV, NATS_TLS_CERT_ENV, NATS_TLS_KEY_ENV))
+    if not (ca or cert):
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=ca)
+        if cert:
+            ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidOptionError(
+            f"cannot load the NATS TLS files ({e}); check {NATS_TLS_CA_ENV}={ca!r}, "
+            f"{NATS_TLS_CERT_ENV}={cert!r}, {NATS_TLS_KEY_ENV}={key!r}") from e
+    return ctx
+
+
 def nats_servers(url: str) -> list[str]:
     """The server URLs of ``MSSTORE_NATS_URL``: one, or a cluster's, comma-separated."""
     return [u.strip() for u in url.split(",") if u.strip()]
@@ -232,6 +257,8 @@ def _cause(e: BaseException, timeout: float) -> str:
         return f"unknown host ({e.strerror})"
     if isinstance(e, TimeoutError | asyncio.TimeoutError | nats.errors.TimeoutError):
         return f"no answer within {timeout:g} s (connect_timeout)"
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"TLS certificate refused ({e.verify_message}): check the CA and the host name"
     if isinstance(e, nats.errors.AuthorizationError) or "Authorization Violation" in str(e):
         return "authorization refused: check the user, password or token in the URL"
     if isinstance(e, OSError) and e.strerror:
@@ -254,6 +281,7 @@ async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool
     if migration_url:
         _check_scheme(migration_url, POSTGRES_SCHEMES, "PostgreSQL",
                       "the migration_url passed to msstore.connect()")
+    tls = nats_tls()  # before starting anything, as for a scheme
     endpoints = await asyncio.to_thread(services.resolve, home, database_url, nats_url)
     owner_url = migration_url or endpoints.migration_url
     pg_source = _source(database_url, services.DATABASE_URL_ENV, endpoints.postgres)
@@ -286,7 +314,7 @@ async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool
         await asyncio.wait_for(
             nc.connect(nats_servers(endpoints.nats_url),
                        connect_timeout=connect_timeout,  # type: ignore[arg-type]  # is float
-                       max_reconnect_attempts=FIRST_CONNECT_RETRIES,
+                       max_reconnect_attempts=FIRST_CONNECT_RETRIES, tls=tls,
                        reconnect_time_wait=FIRST_CONNECT_WAIT,  # type: ignore[arg-type]
                        error_cb=on_error,
                        disconnected_cb=listeners.disconnected,
