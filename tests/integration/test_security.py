@@ -335,3 +335,25 @@ async def test_rotating_the_credentials_locks_the_old_passwords_out(
         assert (home / "credentials.json").stat().st_mode & 0o777 == 0o600
     finally:
         await asyncio.to_thread(services.purge, home)
+
+
+def _proc(pid: int, name: str) -> str:
+    return (Path("/proc") / str(pid) / name).read_bytes().decode()
+
+
+async def test_a_worker_process_gets_the_passwords_in_its_environment_not_its_command_line(
+        embedded: None, ms: msstore.Connection, unique: Callable[[str], str]) -> None:
+    from tests.task_worker import WorkerProcess
+
+    worker = await WorkerProcess.start(ms, "w1", unique("kind"), "--idle-exit", "30")
+    try:
+        pid = worker.proc.pid
+        argv, environ = _proc(pid, "cmdline"), _proc(pid, "environ")
+        passwords = [urlsplit(u).password for u in (ms.database_url, ms.nats_url)]
+        assert all(passwords) and len(set(passwords)) == 2
+        assert not any(p in argv for p in passwords if p), argv  # readable by every user
+        assert all(p in environ for p in passwords if p)  # readable by its owner only
+        assert os.stat(f"/proc/{pid}/environ").st_mode & 0o077 == 0
+    finally:
+        report = await worker.kill()
+    assert report.counters is None  # killed, not exited: it was running while checked
