@@ -78,7 +78,8 @@ async def drain(ms: msstore.Connection, conn: msstore.Connection, bucket: str, d
     procs = []
     for _ in range(processes):
         p = await asyncio.create_subprocess_exec(
-            sys.executable, "-P", str(FLUSHER), ms.database_url, conn.nats_url, bucket, durable,
+            sys.executable, "-P", str(FLUSHER), bucket, durable,
+            env=services.child_env(ms.database_url, conn.nats_url),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL)
         assert p.stdout is not None

@@ -76,12 +76,14 @@ async def merge_gin_pending_list(ms: msstore.Connection) -> None:
     an empty list makes every timed flush pay for its own rows only.
     """
     with contextlib.suppress(asyncpg.PostgresError):  # needs ownership of the index
-        await ms.pool.fetchval("SELECT gin_clean_pending_list('agents.idx_state_value_gin')")
+        async with ms.owner_connection() as owner:
+            await owner.fetchval("SELECT gin_clean_pending_list('agents.idx_state_value_gin')")
 
 
 async def raw_floor(ms: msstore.Connection, records: list[tuple[Any, ...]]) -> int:
     """Binary COPY of pre-serialised rows into a temp table, then one merge; 3 statements."""
-    async with ms.pool.acquire() as conn, conn.transaction():
+    # a temporary table is DDL: the application role (the pool's) may not make one
+    async with ms.owner_connection() as conn, conn.transaction():
         await conn.execute(FLOOR_TEMP)
         await conn.copy_records_to_table("bench_floor", records=records,
                                          columns=["agent_id", "key", "value", "version"])

@@ -109,7 +109,8 @@ async def load(ms: msstore.Connection, store: msstore.VectorStore,
     for i in range(0, len(docs), chunk):
         await store.store_many({f"p{d['n']}": d for d in docs[i:i + chunk]})
     seconds = time.perf_counter() - t0
-    await ms.pool.execute("ANALYZE knowledge.documents")  # the planner must know the rows
+    async with ms.owner_connection() as owner:  # ANALYZE is the owner's (or autovacuum's)
+        await owner.execute("ANALYZE knowledge.documents")  # the planner must know the rows
     return seconds
 
 

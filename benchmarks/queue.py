@@ -64,7 +64,8 @@ class _Pgq:
     async def open(self) -> None:
         from pgqueuer import AsyncpgDriver, Queries
 
-        self.conns = [await asyncpg.connect(self.ms.database_url)
+        # pgqueuer installs and uses a schema of its own: its connections are the owner's
+        self.conns = [await asyncpg.connect(self.ms.migration_url or self.ms.database_url)
                       for _ in range(self.workers + 1)]
         self.queries = Queries(AsyncpgDriver(self.conns[-1]))
         if not await self.queries.schema_is_installed():

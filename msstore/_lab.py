@@ -56,6 +56,7 @@ def run_lab(root: Path, port: int = DEFAULT_PORT, *, start_servers: bool = True)
     env = {**os.environ, "JUPYTER_TOKEN": token}  # in the environment: not visible in `ps`
     if endpoints is not None:
         env[services.DATABASE_URL_ENV] = endpoints.database_url
+        env[services.MIGRATION_URL_ENV] = endpoints.migration_url
         env[services.NATS_URL_ENV] = endpoints.nats_url
     home = services.state_home()
     home.mkdir(parents=True, exist_ok=True)

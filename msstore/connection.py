@@ -8,6 +8,11 @@
 
 Servers are resolved by :func:`msstore.services.resolve` (env vars, else embedded servers
 started on demand); the schema is migrated on connect unless ``migrate=False``.
+
+Two PostgreSQL roles: the pool connects as the application role (embedded: ``msstore_app``,
+which reads and writes msstore's schemas and can change none of them); migrations, and
+:meth:`Connection.owner_connection` for DDL of your own, connect as the schema's owner
+(:attr:`Connection.migration_url`). With only ``MSSTORE_DATABASE_URL`` set, both are that URL.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Generator, Mapping
+import ssl
+from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -31,6 +37,7 @@ from nats.js import JetStreamContext
 
 from . import migrations, services
 from ._check import positive_seconds
+from ._credentials import redact
 from .codec import init_connection
 from .errors import InvalidOptionError, StoreUnavailableError
 from .services import Endpoints, ServerInfo
@@ -89,6 +96,8 @@ class Connection:
     js: JetStreamContext
     endpoints: Endpoints
     _listeners: _Listeners = field(default_factory=_Listeners, repr=False, compare=False)
+    #: The schema owner's URL (migrations, DDL); "" or the pool's URL: the same role.
+    migration_url: str = field(default="", repr=False)
 
     def add_listener(self, *, on_disconnect: Listener | None = None,
                      on_reconnect: Listener | None = None) -> Callable[[], None]:
@@ -109,8 +118,33 @@ class Connection:
         return self.endpoints.nats_url
 
     async def migrate(self, directory: Path | None = None) -> list[str]:
-        """Apply pending schema migrations; return the files applied by this call."""
-        return await migrations.migrate(self.pool, directory)
+        """Apply pending schema migrations as the schema's owner; return the files applied."""
+        if not self.migration_url or self.migration_url == self.database_url:
+            return await migrations.migrate(self.pool, directory)
+        async with self.owner_connection() as conn:
+            return await migrations.migrate(conn, directory)
+
+    @contextlib.asynccontextmanager
+    async def owner_connection(self) -> AsyncIterator[Any]:
+        """One connection as the schema's owner (JSONB codecs set), for migrations or DDL of
+        your own: the pool's role has no DDL rights. Where both are one role (only
+        ``MSSTORE_DATABASE_URL`` set), a connection of the pool."""
+        if not self.migration_url or self.migration_url == self.database_url:
+            async with self.pool.acquire() as pooled:
+                yield pooled
+            return
+        try:
+            conn = await asyncpg.connect(self.migration_url, timeout=DEFAULT_CONNECT_TIMEOUT)
+        except (asyncpg.PostgresError, OSError, TimeoutError) as e:
+            raise StoreUnavailableError(
+                f"cannot connect to PostgreSQL as the schema owner at "
+                f"{redact(self.migration_url)}: {e} ({type(e).__name__}); check "
+                f"{services.MIGRATION_URL_ENV} or the migration_url passed to connect()") from e
+        try:
+            await init_connection(conn)
+            yield conn
+        finally:
+            await conn.close()
 
     async def server_versions(self) -> dict[str, str]:
         """The versions the servers report over the wire (not the binaries on disk)."""
@@ -165,6 +199,11 @@ FIRST_CONNECT_WAIT: Final = 0.5
 #: The default bound on each server's first connection, seconds.
 DEFAULT_CONNECT_TIMEOUT: Final = 3.0
 NATS_SCHEMES: Final = ("nats", "tls", "ws", "wss")
+#: TLS to NATS: the CA file that signed the server's certificate (else the system's CAs), and
+#: a client certificate and key where the server asks for one. Setting any turns TLS on.
+NATS_TLS_CA_ENV: Final = "MSSTORE_NATS_TLS_CA"
+NATS_TLS_CERT_ENV: Final = "MSSTORE_NATS_TLS_CERT"
+NATS_TLS_KEY_ENV: Final = "MSSTORE_NATS_TLS_KEY"
 POSTGRES_SCHEMES: Final = ("postgresql", "postgres")
 
 
@@ -186,6 +225,25 @@ def _check_scheme(url: str, schemes: tuple[str, ...], what: str, where: str) -> 
                 f"expected {' or '.join(s + '://' for s in schemes)} (fix {where})")
 
 
+def nats_tls() -> ssl.SSLContext | None:
+    """The TLS context for NATS from ``MSSTORE_NATS_TLS_*`` (None: nats-py's default, which
+    still verifies a ``tls://`` server against the system's CAs). It verifies the certificate
+    chain and the host name, as ``sslmode=verify-full`` does for PostgreSQL."""
+    ca, cert, key = (os.environ.get(v) or None
+                     for v in (NATS_TLS_CA_ENV, NATS_TLS_CERT_ENV, NATS_TLS_KEY_ENV))
+    if not (ca or cert):
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=ca)
+        if cert:
+            ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidOptionError(
+            f"cannot load the NATS TLS files ({e}); check {NATS_TLS_CA_ENV}={ca!r}, "
+            f"{NATS_TLS_CERT_ENV}={cert!r}, {NATS_TLS_KEY_ENV}={key!r}") from e
+    return ctx
+
+
 def nats_servers(url: str) -> list[str]:
     """The server URLs of ``MSSTORE_NATS_URL``: one, or a cluster's, comma-separated."""
     return [u.strip() for u in url.split(",") if u.strip()]
@@ -199,7 +257,9 @@ def _cause(e: BaseException, timeout: float) -> str:
         return f"unknown host ({e.strerror})"
     if isinstance(e, TimeoutError | asyncio.TimeoutError | nats.errors.TimeoutError):
         return f"no answer within {timeout:g} s (connect_timeout)"
-    if isinstance(e, nats.errors.AuthorizationError):
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"TLS certificate refused ({e.verify_message}): check the CA and the host name"
+    if isinstance(e, nats.errors.AuthorizationError) or "Authorization Violation" in str(e):
         return "authorization refused: check the user, password or token in the URL"
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
@@ -208,8 +268,8 @@ def _cause(e: BaseException, timeout: float) -> str:
 
 async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool,
                 min_size: int, max_size: int, home: Path | None,
-                connect_timeout: float, server_settings: Mapping[str, str] | None
-                ) -> Connection:
+                connect_timeout: float, server_settings: Mapping[str, str] | None,
+                migration_url: str | None = None) -> Connection:
     connect_timeout = positive_seconds("connect_timeout", connect_timeout)
     for given, schemes, what, var in ((database_url, POSTGRES_SCHEMES, "PostgreSQL",
                                        services.DATABASE_URL_ENV),
@@ -218,8 +278,14 @@ async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool
         if url:  # before starting anything: a wrong scheme is a typo, not an outage
             _check_scheme(url, schemes, what,
                           "the URL passed to msstore.connect()" if given else var)
+    if migration_url:
+        _check_scheme(migration_url, POSTGRES_SCHEMES, "PostgreSQL",
+                      "the migration_url passed to msstore.connect()")
+    tls = nats_tls()  # before starting anything, as for a scheme
     endpoints = await asyncio.to_thread(services.resolve, home, database_url, nats_url)
+    owner_url = migration_url or endpoints.migration_url
     pg_source = _source(database_url, services.DATABASE_URL_ENV, endpoints.postgres)
+    pg_shown = redact(endpoints.database_url)
     try:
         pool = await asyncpg.create_pool(
             endpoints.database_url, min_size=min_size, max_size=max_size, init=init_connection,
@@ -227,12 +293,12 @@ async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool
             server_settings={**DEFAULT_SERVER_SETTINGS, **(server_settings or {})})
     except asyncpg.PostgresError as e:  # it answered: a role, password or database problem
         raise StoreUnavailableError(
-            f"PostgreSQL at {endpoints.database_url} refused the connection: {e} "
+            f"PostgreSQL at {pg_shown} refused the connection: {e} "
             f"({type(e).__name__}); check the user, password and database name in "
             f"{pg_source}") from e
     except (OSError, TimeoutError) as e:
         raise StoreUnavailableError(
-            f"cannot connect to PostgreSQL at {endpoints.database_url}: "
+            f"cannot connect to PostgreSQL at {pg_shown}: "
             f"{_cause(e, connect_timeout)}; is it running? (fix {pg_source})") from e
     nc = NATS()
     listeners = _Listeners()
@@ -248,7 +314,7 @@ async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool
         await asyncio.wait_for(
             nc.connect(nats_servers(endpoints.nats_url),
                        connect_timeout=connect_timeout,  # type: ignore[arg-type]  # is float
-                       max_reconnect_attempts=FIRST_CONNECT_RETRIES,
+                       max_reconnect_attempts=FIRST_CONNECT_RETRIES, tls=tls,
                        reconnect_time_wait=FIRST_CONNECT_WAIT,  # type: ignore[arg-type]
                        error_cb=on_error,
                        disconnected_cb=listeners.disconnected,
@@ -261,20 +327,24 @@ async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool
         with contextlib.suppress(Exception):
             await nc.close()
         await pool.close()
-        cause = next((x for x in reversed(first_errors)
-                      if not isinstance(x, nats.errors.NoServersError)), e)
+        tried = [x for x in reversed(first_errors)
+                 if not isinstance(x, nats.errors.NoServersError)]
+        # a refused login is the cause, though the server's closing socket comes after it
+        cause = next((x for x in tried if "Authorization Violation" in str(x)),
+                     tried[0] if tried else e)
         raise StoreUnavailableError(
-            f"cannot connect to NATS at {endpoints.nats_url}: {_cause(cause, connect_timeout)}; "
+            f"cannot connect to NATS at {redact(endpoints.nats_url)}: "
+            f"{_cause(cause, connect_timeout)}; "
             f"is it running? (fix {_source(nats_url, services.NATS_URL_ENV, endpoints.nats)})"
         ) from cause
     js = nc.jetstream()
-    conn = Connection(pool, nc, js, endpoints, listeners)
+    conn = Connection(pool, nc, js, endpoints, listeners, owner_url)
     try:
         await js.account_info()
     except Exception as e:
         await conn.close()
         raise StoreUnavailableError(
-            f"NATS at {endpoints.nats_url} answers but has no JetStream ({e!r}); "
+            f"NATS at {redact(endpoints.nats_url)} answers but has no JetStream ({e!r}); "
             "start nats-server with -js"
         ) from e
     if migrate:
@@ -313,7 +383,8 @@ class _Connect:
 def connect(database_url: str | None = None, nats_url: str | None = None, *,
             migrate: bool = True, min_size: int = 1, max_size: int = 10,
             home: Path | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-            server_settings: Mapping[str, str] | None = None) -> _Connect:
+            server_settings: Mapping[str, str] | None = None,
+            migration_url: str | None = None) -> _Connect:
     """Connect to PostgreSQL and NATS, starting embedded servers for whatever is not given.
 
     URLs passed here win over ``MSSTORE_DATABASE_URL`` / ``MSSTORE_NATS_URL``, which win over
@@ -324,10 +395,14 @@ def connect(database_url: str | None = None, nats_url: str | None = None, *,
     with the wrong scheme is an :class:`InvalidOptionError`, before any server is started.
     ``server_settings`` (PostgreSQL session settings) are applied over
     :data:`DEFAULT_SERVER_SETTINGS` (``jit=off``); pass ``{"jit": "on"}`` to keep JIT.
+    ``migration_url`` names the schema's owner for migrations and
+    :meth:`Connection.owner_connection`: by default the embedded server's owner, else
+    ``MSSTORE_MIGRATION_URL`` with ``MSSTORE_DATABASE_URL``, else the database URL itself.
     """
     return _Connect(database_url=database_url, nats_url=nats_url, migrate=migrate,
                     min_size=min_size, max_size=max_size, home=home,
-                    connect_timeout=connect_timeout, server_settings=server_settings)
+                    connect_timeout=connect_timeout, server_settings=server_settings,
+                    migration_url=migration_url)
 
 
 __all__ = ["Connection", "connect"]

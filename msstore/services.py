@@ -14,19 +14,30 @@ run as root, PostgreSQL's data may live in ``/var/lib/msstore/`` instead, see
 that started them, like a dev server: ``msstore up`` is idempotent under a file lock (a second
 call reuses what runs), ``msstore down`` stops exactly the processes recorded in
 ``services.json`` and waits until they are gone.
+
+Both require credentials, generated on the first ``up`` into ``credentials.json`` (0600) in
+the state folder (:mod:`msstore._credentials`); the URLs returned here carry them, while
+``services.json`` and ``status()`` never show a password. PostgreSQL has two roles: the
+owner (``postgres``, runs migrations: :attr:`Endpoints.migration_url`) and the application
+role (``msstore_app``, :attr:`Endpoints.database_url`: reads and writes, no DDL). For an
+external server, ``MSSTORE_MIGRATION_URL`` may name the owner; without it
+``MSSTORE_DATABASE_URL`` is used for everything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import _credentials as credentials
 from . import _nats_cluster as cluster
 from ._nats_server import NATS_URL_ENV, nats_server_bin, start_nats, stop_nats
 from ._pg_server import (
@@ -37,12 +48,16 @@ from ._pg_server import (
     pg_pid,
     pgdata_dir,
     postgres_bin,
+    set_passwords,
     start_postgres,
     stop_postgres,
 )
 from ._procs import HOST, file_lock, pid_alive, port_open, wait_gone
+from .errors import ServiceError
 
 HOME_ENV = "MSSTORE_HOME"
+#: The owner's URL for migrations on an external server (default: MSSTORE_DATABASE_URL).
+MIGRATION_URL_ENV = "MSSTORE_MIGRATION_URL"
 # kept under their old names for the tests' fault helpers
 _wait_gone = wait_gone
 
@@ -56,6 +71,7 @@ class ServerInfo:
     mode: str  # "embedded" or "external"
     pid: int | None = None
     port: int | None = None
+    owner_url: str | None = None  # PostgreSQL: the role that runs migrations, when not url
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,11 @@ class Endpoints:
     @property
     def nats_url(self) -> str:
         return self.nats.url
+
+    @property
+    def migration_url(self) -> str:
+        """The URL migrations run with: the schema's owner (else the database URL)."""
+        return self.postgres.owner_url or self.postgres.url
 
 
 # --------------------------------------------------------------------------- locations
@@ -129,11 +150,14 @@ def _layout(rec: dict[str, object] | None) -> tuple[int, str] | None:
 
 
 def _start_nats(home: Path, previous: dict[str, object] | None, nodes: int | None,
-                sync: str | None) -> dict[str, object] | None:
+                sync: str | None, creds: dict[str, str]) -> dict[str, object] | None:
     """Start what the NATS layout needs (None: the running one is it). One node with the
-    default sync is the plain ``nats-server -js``; anything else runs from config files."""
+    default sync is the plain ``nats-server -js``; anything else runs from config files.
+    A server started before credentials existed is restarted with them."""
     want = cluster.wanted_layout(previous, nodes, sync)
-    if _layout(previous) == want and _alive("nats", previous, home):
+    if previous and not previous.get("auth"):
+        down(home, which=("nats",), locked=True)
+    elif _layout(previous) == want and _alive("nats", previous, home):
         return None
     if previous and previous.get("nodes"):
         if want == (1, "default"):
@@ -142,8 +166,8 @@ def _start_nats(home: Path, previous: dict[str, object] | None, nodes: int | Non
     elif previous and want != (1, "default"):
         stop_nats(previous)
     if want == (1, "default"):
-        return start_nats(home, previous)
-    return cluster.start_nodes(home, previous, nats_server_bin(), *want)
+        return start_nats(home, previous, creds)
+    return cluster.start_nodes(home, previous, nats_server_bin(), *want, creds)
 
 
 def up(home: Path | None = None, *, which: tuple[str, ...] = ("postgres", "nats"),
@@ -157,21 +181,33 @@ def up(home: Path | None = None, *, which: tuple[str, ...] = ("postgres", "nats"
     home = home or state_home()
     with file_lock(home / "services.lock"):
         state = _read_state(home)
+        creds, _ = credentials.ensure(home)
+        upgraded = False
         for name in which:
             previous = state.get(name)
             if name == "nats":
-                rec = _start_nats(home, previous, nats_nodes, nats_sync)
+                upgraded |= bool(previous) and not (previous or {}).get("auth")
+                rec = _start_nats(home, previous, nats_nodes, nats_sync, creds["nats"])
+            elif _alive(name, previous, home) and (previous or {}).get("owner_url"):
+                rec = None
             else:
-                rec = None if _alive(name, previous, home) else start_postgres(home, previous)
+                if previous and not previous.get("owner_url"):
+                    down(home, which=("postgres",), locked=True)  # started without passwords
+                rec = start_postgres(home, previous, creds["postgres"])
+                upgraded |= bool(rec.pop("upgraded", False))
             if rec is not None:
                 state[name] = rec
                 state[name]["started_at"] = time.time()
                 _write_state(home, state)
-        return _endpoints_from_state(state)
+        if upgraded:  # said once: the next start finds the passwords in place
+            print(f"msstore: {home} was made before msstore used credentials; its servers now "
+                  f"require the passwords in {credentials.path(home)} (0600; `msstore env` "
+                  "prints URLs with them)", file=sys.stderr)
+        return _endpoints_from_state(state, creds)
 
 
 def down(home: Path | None = None, *,
-         which: tuple[str, ...] = ("nats", "postgres")) -> list[str]:
+         which: tuple[str, ...] = ("nats", "postgres"), locked: bool = False) -> list[str]:
     """Stop the embedded servers recorded in the state folder; return what was stopped.
 
     The record (ports) is kept, so the next ``up`` gets the same URLs back when the ports are
@@ -181,7 +217,7 @@ def down(home: Path | None = None, *,
     stopped: list[str] = []
     if not home.exists():
         return stopped
-    with file_lock(home / "services.lock"):
+    with contextlib.nullcontext() if locked else file_lock(home / "services.lock"):
         state = _read_state(home)
         for name in which:
             rec = state.get(name)
@@ -198,6 +234,26 @@ def down(home: Path | None = None, *,
     return stopped
 
 
+def rotate_credentials(home: Path | None = None) -> Endpoints:
+    """New passwords for both PostgreSQL roles and the NATS user (``msstore up
+    --rotate-credentials``): PostgreSQL takes them while it runs (open sessions stay open, new
+    ones need them), NATS is restarted with its new config (clients reconnect and must log in
+    again, so restart the processes that use the old URLs)."""
+    home = home or state_home()
+    up(home)
+    with file_lock(home / "services.lock"):
+        state = _read_state(home)
+        old = credentials.load(home)
+        if old is None or not isinstance(state.get("postgres", {}).get("port"), int):
+            raise ServiceError(f"nothing to rotate in {home}: run `msstore up` first")
+        new = credentials.renewed()
+        set_passwords(int(state["postgres"]["port"]),  # type: ignore[call-overload]
+                      new["postgres"], login_password=old["postgres"]["owner_password"])
+        credentials.save(home, new)
+        down(home, which=("nats",), locked=True)
+    return up(home)
+
+
 def purge(home: Path | None = None) -> list[str]:
     """Stop both embedded servers and delete all their data: the state folder and, when
     PostgreSQL's data lives in :data:`SYSTEM_STATE`, that folder too. Return what was stopped.
@@ -211,25 +267,57 @@ def purge(home: Path | None = None) -> list[str]:
     return stopped
 
 
-def _endpoints_from_state(state: dict[str, dict[str, object]]) -> Endpoints:
+def _endpoints_from_state(state: dict[str, dict[str, object]],
+                          creds: dict[str, dict[str, str]] | None) -> Endpoints:
+    """The recorded URLs with the credentials in them (the record itself holds none)."""
+    def authed(url: object, user: str, password: str) -> str:
+        return credentials.with_password(str(url), user, password) if url and creds else ""
+
     def info(name: str) -> ServerInfo:
         rec = state.get(name, {})
         pid, port = rec.get("pid"), rec.get("port")
-        return ServerInfo(name, str(rec.get("url", "")), "embedded",
-                          pid if isinstance(pid, int) else None,
-                          port if isinstance(port, int) else None)
+        owner = None
+        if name == "postgres" and creds:
+            pg = creds["postgres"]
+            url = authed(rec.get("url"), pg["app"], pg["app_password"])
+            owner = authed(rec.get("owner_url"), pg["owner"], pg["owner_password"]) or None
+        elif creds:
+            url = authed(rec.get("url"), creds["nats"]["user"], creds["nats"]["password"])
+        else:
+            url = str(rec.get("url", ""))
+        return ServerInfo(name, url, "embedded", pid if isinstance(pid, int) else None,
+                          port if isinstance(port, int) else None, owner)
 
     return Endpoints(info("postgres"), info("nats"))
+
+
+def recorded(home: Path | None = None) -> Endpoints:
+    """The embedded servers ``home`` records, with their credentials; starts nothing and
+    ignores ``MSSTORE_*_URL`` (e.g. a private server of a test while those name others)."""
+    home = home or state_home()
+    return _endpoints_from_state(_read_state(home), credentials.load(home))
+
+
+def current(home: Path | None = None) -> Endpoints:
+    """What ``connect()`` would use, without starting anything (URLs may not answer)."""
+    ends = recorded(home)
+    db_url = os.environ.get(DATABASE_URL_ENV)
+    pg = ServerInfo("postgres", db_url, "external",
+                    owner_url=os.environ.get(MIGRATION_URL_ENV)) if db_url else ends.postgres
+    nats_url = os.environ.get(NATS_URL_ENV)
+    return Endpoints(pg, ServerInfo("nats", nats_url, "external") if nats_url else ends.nats)
 
 
 def resolve(home: Path | None = None, database_url: str | None = None,
             nats_url: str | None = None) -> Endpoints:
     """The endpoints ``connect()`` uses: arguments, then env vars; the rest runs embedded."""
     db_url = database_url or os.environ.get(DATABASE_URL_ENV)
+    owner = None if database_url else os.environ.get(MIGRATION_URL_ENV)
     nats_url = nats_url or os.environ.get(NATS_URL_ENV)
     need = tuple(n for n, url in (("postgres", db_url), ("nats", nats_url)) if not url)
     embedded = up(home, which=need) if need else None
-    pg = ServerInfo("postgres", db_url, "external") if db_url else embedded.postgres  # type: ignore[union-attr]
+    pg = ServerInfo("postgres", db_url, "external", owner_url=owner) if db_url \
+        else embedded.postgres  # type: ignore[union-attr]
     nats = ServerInfo("nats", nats_url, "external") if nats_url else embedded.nats  # type: ignore[union-attr]
     return Endpoints(pg, nats)
 
@@ -253,7 +341,7 @@ def status(home: Path | None = None, *, external: bool = True) -> list[dict[str,
     for name, env in (("postgres", DATABASE_URL_ENV), ("nats", NATS_URL_ENV)):
         if external and os.environ.get(env):
             url = os.environ[env]
-            rows.append({"server": name, "mode": "external", "url": url,
+            rows.append({"server": name, "mode": "external", "url": credentials.redact(url),
                          "version": "(see connect())", "health": _url_health(url)})
             continue
         rec = state.get(name)
@@ -262,7 +350,8 @@ def status(home: Path | None = None, *, external: bool = True) -> list[dict[str,
             continue
         alive = _alive(name, rec, home)
         rows.append({
-            "server": name, "mode": "embedded", "url": rec.get("url", "") if rec else "",
+            "server": name, "mode": "embedded",
+            "url": credentials.redact(str(rec.get("url", ""))) if rec else "",
             "pid": (pg_pid(home) if name == "postgres" else rec.get("pid"))
             if rec and alive else None,
             "version": binary_version(name),
@@ -307,10 +396,23 @@ def binary_version(name: str) -> str:
     return out.stdout.strip() or out.stderr.strip()
 
 
+def child_env(database_url: str, nats_url: str) -> dict[str, str]:
+    """This process' environment, pointing a child process's ``connect()`` at these servers.
+
+    URLs with passwords go to a child in its environment, never on its command line: any local
+    user can read a command line in ``/proc``, an environment only its owner. An inherited
+    ``MSSTORE_MIGRATION_URL`` is dropped (it may name another database)."""
+    env = {k: v for k, v in os.environ.items() if k != MIGRATION_URL_ENV}
+    return {**env, DATABASE_URL_ENV: database_url, NATS_URL_ENV: nats_url}
+
+
 def env_lines(endpoints: Endpoints) -> list[str]:
-    """``export`` lines that point other shells (JupyterLab, psql, nats CLI) at these servers."""
-    return [f"export {DATABASE_URL_ENV}={endpoints.database_url}",
-            f"export {NATS_URL_ENV}={endpoints.nats_url}"]
+    """``export`` lines that point other shells (JupyterLab, psql, nats CLI) at these servers:
+    the application's URL, the owner's for migrations (when it differs), NATS's."""
+    lines = [f"export {DATABASE_URL_ENV}={endpoints.database_url}"]
+    if endpoints.migration_url and endpoints.migration_url != endpoints.database_url:
+        lines.append(f"export {MIGRATION_URL_ENV}={endpoints.migration_url}")
+    return [*lines, f"export {NATS_URL_ENV}={endpoints.nats_url}"]
 
 
 __all__ = [
@@ -318,12 +420,15 @@ __all__ = [
     "HEALTHY",
     "HOME_ENV",
     "HOST",
+    "MIGRATION_URL_ENV",
     "NATS_URL_ENV",
     "PG_OS_USER",
     "SYSTEM_STATE",
     "Endpoints",
     "ServerInfo",
     "binary_version",
+    "child_env",
+    "current",
     "data_root",
     "down",
     "env_lines",
@@ -331,7 +436,9 @@ __all__ = [
     "pgdata_dir",
     "postgres_bin",
     "purge",
+    "recorded",
     "resolve",
+    "rotate_credentials",
     "state_home",
     "status",
     "up",

@@ -78,8 +78,10 @@ async def write_until_killed(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python tests/crash_writer.py")
-    p.add_argument("--database-url", required=True)
-    p.add_argument("--nats-url", required=True)
+    # the URLs carry passwords: they come in MSSTORE_DATABASE_URL / MSSTORE_NATS_URL
+    # (services.child_env), not on the command line, which every local user can read
+    p.add_argument("--database-url", default=None)
+    p.add_argument("--nats-url", default=None)
     p.add_argument("--bucket", required=True)
     p.add_argument("--agent", required=True)
     p.add_argument("--flusher", choices=FLUSHERS, default="stream")

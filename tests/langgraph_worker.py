@@ -50,8 +50,6 @@ def build(pause: float) -> StateGraph[State]:
 
 async def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("database_url")
-    p.add_argument("nats_url")
     p.add_argument("bucket")
     p.add_argument("thread_id")
     p.add_argument("steps", type=int)
@@ -59,7 +57,8 @@ async def main(argv: list[str]) -> None:
     p.add_argument("--pause", type=float, default=0.02)
     a = p.parse_args(argv)
     config: Any = {"configurable": {"thread_id": a.thread_id}, "recursion_limit": a.steps + 10}
-    async with msstore.connect(a.database_url, a.nats_url, migrate=False) as ms:
+    # the URLs (with passwords) come in the environment (services.child_env)
+    async with msstore.connect(migrate=False) as ms:
         async with MsstoreSaver(ms, bucket=a.bucket) as saver:
             graph = build(a.pause).compile(checkpointer=saver)
             inputs = None if a.resume else {"n": 0, "steps": a.steps, "trail": []}

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from msstore import Connection, LeaseLostError, TaskQueue, connect
+from msstore import Connection, LeaseLostError, TaskQueue, connect, services
 
 SCRIPT = Path(__file__).resolve()
 
@@ -47,8 +47,8 @@ class WorkerProcess:
     async def start(cls, ms: Connection, worker: str, task_type: str,
                     *options: str) -> WorkerProcess:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(SCRIPT), "--database-url", ms.database_url,
-            "--nats-url", ms.nats_url, "--worker", worker, "--type", task_type, *options,
+            sys.executable, str(SCRIPT), "--worker", worker, "--type", task_type, *options,
+            env=services.child_env(ms.database_url, ms.nats_url),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
         self = cls(proc, worker)
         assert proc.stdout is not None
@@ -117,8 +117,9 @@ async def work(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--database-url", required=True)
-    p.add_argument("--nats-url", required=True)
+    # URLs (with passwords) come in the environment: services.child_env
+    p.add_argument("--database-url", default=None)
+    p.add_argument("--nats-url", default=None)
     p.add_argument("--worker", required=True)
     p.add_argument("--type", required=True)
     p.add_argument("--batch", type=int, default=10)

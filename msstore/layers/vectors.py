@@ -9,7 +9,6 @@ Embedders live in :mod:`msstore.layers.embedders`.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ import asyncpg
 import orjson
 
 from .._check import positive_int
+from .._credentials import redact
 from .._pg import pg_errors
 from ..codec import MAX_VALUE_BYTES
 from ..errors import (
@@ -45,6 +45,10 @@ def _check_embedder(embedder: object) -> Embedder:
     if not isinstance(embedder, Embedder):
         raise InvalidOptionError(f"embedder must have a dim and an embed(texts) method "
                                  f"(msstore.Embedder), got {type(embedder).__name__}")
+    dim = embedder.dim  # it reaches SQL text (``vector(N)`` casts): an int, nothing else
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= MAX_DIM:
+        raise InvalidOptionError(f"embedder.dim must be an int from 1 to {MAX_DIM} (pgvector's "
+                                 f"limit), got {dim!r}")
     return embedder
 
 
@@ -120,6 +124,8 @@ FROM knowledge.documents WHERE collection = $1 GROUP BY 1 ORDER BY 1
 
 #: Dimensions with an HNSW index (sql/009_knowledge_hnsw.sql): the two shipped embedders'.
 HNSW_DIMS = frozenset({256, 384})
+#: pgvector's largest vector dimension.
+MAX_DIM = 16_000
 
 #: Per-search settings: the candidate list, and iterative scans so that a filter that rejects
 #: most of the first candidates still gets ``limit`` rows (pgvector >= 0.8), in true order.
@@ -196,7 +202,7 @@ class VectorStore:
                 " to_regclass('knowledge.documents') IS NOT NULL AS tbl, "
                 "current_setting('server_version') AS version")
         assert row is not None
-        server = f"{_redact(ms.database_url)} (PostgreSQL {row['version']})"
+        server = f"{redact(ms.database_url)} (PostgreSQL {row['version']})"
         if not row["avail"]:
             raise _LayerMissing(pgvector_missing_message(server))
         if not (row["ext"] and row["tbl"]):
@@ -346,11 +352,6 @@ class VectorStore:
                 rows = await conn.fetch("EXPLAIN ANALYZE " + self._sql(_SEARCH_DOCS, exact),
                                         self.collection, q[0], 10, q[1], self.embedder_name)
         return [r[0] for r in rows]
-
-
-def _redact(url: str) -> str:
-    """``url`` without its password, for error messages."""
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
 
 
 __all__ = ["HNSW_DIMS", "Embedder", "HashingEmbedder", "VectorStore", "pgvector_missing_message"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import msstore
+from msstore import services
 from msstore.hybrid import HybridStateManager
 
 CRASH_WRITER = Path(__file__).resolve().parents[2] / "tests" / "crash_writer.py"
@@ -26,10 +27,10 @@ async def killed_writer(ms: msstore.Connection, bucket: str, agent: uuid.UUID,
                         flusher: str) -> dict[str, int]:
     """Run one writer, kill it -9 after 0.2–0.6 s; return {key: highest acknowledged revision}."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(CRASH_WRITER), "--database-url", ms.database_url,
-        "--nats-url", ms.nats_url, "--bucket", bucket, "--agent", str(agent),
+        sys.executable, str(CRASH_WRITER), "--bucket", bucket, "--agent", str(agent),
         "--flusher", flusher, "--keys", "150", "--threshold", "20", "--interval", "0.1",
-        "--ack-wait", "1", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        "--ack-wait", "1", env=services.child_env(ms.database_url, ms.nats_url),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     assert proc.stdout is not None
     assert await proc.stdout.readline() == b"ready\n"
     await asyncio.sleep(random.uniform(0.2, 0.6))

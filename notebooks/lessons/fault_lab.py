@@ -118,9 +118,9 @@ class Fleet:
     async def spawn(self, tag: str, *, flush_only: bool = False) -> Member:
         agent = uuid.uuid4()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(CRASH_WRITER), "--database-url", self.database_url,
-            "--nats-url", self.nats_url, "--bucket", self.bucket, "--agent", str(agent),
+            sys.executable, str(CRASH_WRITER), "--bucket", self.bucket, "--agent", str(agent),
             "--tag", tag, *self.common, *(["--flush-only"] if flush_only else []),
+            env=services.child_env(self.database_url, self.nats_url),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         assert proc.stdout is not None and proc.stderr is not None
         member = Member(tag, agent, proc, flush_only=flush_only)

@@ -1,4 +1,8 @@
-"""Notebook 02: the same rows loaded under two sets of indexes, in scratch tables rolled back."""
+"""Notebook 02: the same rows loaded under two sets of indexes, in scratch tables rolled back.
+
+The scratch tables are DDL, which the application role (``ms.pool``) may not run: they are
+made on the schema owner's connection (``ms.owner_connection()``), as migrations are.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,12 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import asyncpg
 import pandas as pd
 
+import msstore
 
-async def load_with(pool: asyncpg.Pool, insert_sql: str, rows: Sequence[tuple[Any, ...]],
+
+async def load_with(ms: msstore.Connection, insert_sql: str, rows: Sequence[tuple[Any, ...]],
                     index_defs: Sequence[str], *, batch: int) -> tuple[float, int]:
     """(insert ms, index bytes) for ``rows`` in a scratch copy of ``agents.state``.
 
@@ -20,7 +25,7 @@ async def load_with(pool: asyncpg.Pool, insert_sql: str, rows: Sequence[tuple[An
     the write-ahead log is written as it would be for the real table.
     """
     scratch = f"public.nb02_scratch_{uuid.uuid4().hex[:12]}"
-    async with pool.acquire() as conn:
+    async with ms.owner_connection() as conn:
         tx = conn.transaction()
         await tx.start()
         try:
@@ -39,7 +44,7 @@ async def load_with(pool: asyncpg.Pool, insert_sql: str, rows: Sequence[tuple[An
     return insert_ms, size
 
 
-async def compare(pool: asyncpg.Pool, insert_sql: str, rows: Sequence[tuple[Any, ...]],
+async def compare(ms: msstore.Connection, insert_sql: str, rows: Sequence[tuple[Any, ...]],
                   index_sets: Mapping[str, Sequence[str]], *, rounds: int,
                   batch: int) -> pd.DataFrame:
     """Median insert ms and index MB per set of indexes, the sets alternating each round.
@@ -50,7 +55,7 @@ async def compare(pool: asyncpg.Pool, insert_sql: str, rows: Sequence[tuple[Any,
     got: dict[str, list[tuple[float, int]]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            got[name].append(await load_with(pool, insert_sql, rows, index_sets[name],
+            got[name].append(await load_with(ms, insert_sql, rows, index_sets[name],
                                              batch=batch))
     cost = pd.DataFrame({name: {"insert ms": statistics.median(t for t, _ in runs),
                                 "index MB": runs[-1][1] / 2**20}

@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+import msstore
 from msstore import MessageLog
 
 #: The naive design: order by the IDENTITY column, page by "seq > cursor".
@@ -25,6 +26,22 @@ NAIVE_TABLE = """
 CREATE TABLE {table} (seq BIGINT GENERATED ALWAYS AS IDENTITY, message_id UUID NOT NULL,
                       payload JSONB NOT NULL)
 """
+
+
+async def create_naive(ms: msstore.Connection, table: str) -> None:
+    """The naive table, made by the schema owner (the application role has no DDL) and
+    granted to the application role, as a migration would."""
+    app = await ms.pool.fetchval("SELECT current_user")
+    async with ms.owner_connection() as owner:
+        await owner.execute(NAIVE_TABLE.format(table=table))
+        await owner.execute(f'GRANT SELECT, INSERT ON {table} TO "{app}"')
+
+
+async def drop_naive(ms: msstore.Connection, table: str) -> None:
+    async with ms.owner_connection() as owner:
+        await owner.execute(f"DROP TABLE {table}")
+
+
 NAIVE_APPEND = ("INSERT INTO {table} (message_id, payload) "
                 "SELECT * FROM unnest($1::uuid[], $2::jsonb[])")
 NAIVE_PAGE = ("SELECT seq, message_id FROM {table} WHERE seq > $1 ORDER BY seq LIMIT $2")

@@ -41,15 +41,16 @@ async def endpoints() -> services.Endpoints:
 
 @pytest.fixture(scope="session")
 async def fresh_database(endpoints: services.Endpoints) -> AsyncIterator[Callable[[], object]]:
-    """A factory of empty databases on the resolved server, all dropped at session end."""
+    """A factory of empty databases on the resolved server, all dropped at session end; each
+    is returned as its owner's URL (the role migrations run as: DDL allowed)."""
     created: list[str] = []
-    admin = await asyncpg.connect(endpoints.database_url)
+    admin = await asyncpg.connect(endpoints.migration_url)
 
     async def make() -> str:
         name = f"msstore_test_{uuid.uuid4().hex[:12]}"
         await admin.execute(f'CREATE DATABASE "{name}"')
         created.append(name)
-        return with_database(endpoints.database_url, name)
+        return with_database(endpoints.migration_url, name)
 
     yield make
     for name in created:
@@ -70,12 +71,14 @@ _RUN = uuid.uuid4().hex[:6]  # every name this session makes ends with it
 
 @pytest.fixture(scope="session")
 async def ms(database_url: str, endpoints: services.Endpoints) -> AsyncIterator[msstore.Connection]:
-    """The session's connection: fresh, migrated database plus the resolved NATS.
+    """The session's connection: fresh, migrated database plus the resolved NATS. Its pool
+    connects as the application role (embedded lane), migrations as the owner.
 
     At the end it deletes the streams (KV buckets) this session named through ``unique``, so
     a long-lived external NATS does not collect a bucket per test per run.
     """
-    async with msstore.connect(database_url, endpoints.nats_url) as conn:
+    app_url = with_database(endpoints.database_url, urlsplit(database_url).path.lstrip("/"))
+    async with msstore.connect(app_url, endpoints.nats_url, migration_url=database_url) as conn:
         yield conn
         for info in await conn.js.streams_info():
             if info.config.name and f"_{_RUN}" in info.config.name:
@@ -130,7 +133,8 @@ async def private_ms(private_pg: Path, ms: msstore.Connection
                      ) -> AsyncIterator[msstore.Connection]:
     """A connection to the private PostgreSQL (migrated) and the session's NATS."""
     endpoints = await asyncio.to_thread(services.up, private_pg, which=("postgres",))
-    async with msstore.connect(endpoints.postgres.url, ms.nats_url) as conn:
+    async with msstore.connect(endpoints.database_url, ms.nats_url,
+                               migration_url=endpoints.migration_url) as conn:
         yield conn
 
 
@@ -168,7 +172,6 @@ async def private_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
 
 
 def private_nats_url(home: Path) -> str:
-    """The URL of the private nats-server in ``home`` (stable across restarts)."""
-    import json
-
-    return str(json.loads((home / "services.json").read_text())["nats"]["url"])
+    """The URL of the private nats-server in ``home`` (stable across restarts), with its
+    credentials."""
+    return services.recorded(home).nats_url

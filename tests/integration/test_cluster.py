@@ -50,11 +50,14 @@ VISIBLE_WITHIN = 1.0
 
 
 def nodes(home: Path) -> list[dict[str, Any]]:
-    return list(json.loads((home / "services.json").read_text())["nats"]["nodes"])
+    """The node records of ``home``'s cluster, each ``url`` with the cluster's credentials."""
+    recs = list(json.loads((home / "services.json").read_text())["nats"]["nodes"])
+    urls = services.recorded(home).nats_url.split(",")  # in node order
+    return [{**rec, "url": authed} for rec, authed in zip(recs, urls, strict=True)]
 
 
 def url(home: Path) -> str:
-    return str(json.loads((home / "services.json").read_text())["nats"]["url"])
+    return services.recorded(home).nats_url  # with the cluster's credentials
 
 
 def node_named(home: Path, server_name: str) -> dict[str, Any]:
@@ -131,8 +134,7 @@ async def test_up_starts_three_nodes_that_status_reports_and_down_leaves_no_proc
         assert [n["health"] for n in row["nodes"]] == ["up", "up", "up"]
         assert sum(n["meta_leader"] for n in row["nodes"]) == 1
         assert row["meta_leader"] in {n["server_name"] for n in row["nodes"]}
-        exports = services.env_lines(services._endpoints_from_state(
-            json.loads((tmp_path / "services.json").read_text())))
+        exports = services.env_lines(services.recorded(tmp_path))
         assert f"export {services.NATS_URL_ENV}={ends.nats_url}" in exports
         pids = [n["pid"] for n in row["nodes"]]
         # a node killed -9 comes back at the same URL, with its files

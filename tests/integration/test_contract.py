@@ -667,7 +667,8 @@ NEEDS_PG_VARIANT = {f"Store.{m}[1]" for m in ("store", "retrieve", "remove", "se
 async def test_postgres_down_is_typed(private_pg: Path, ms: msstore.Connection,
                                       unique: Callable[[str], str]) -> None:
     endpoints = await asyncio.to_thread(services.up, private_pg, which=("postgres",))
-    conn = await msstore.connect(endpoints.postgres.url, ms.nats_url, connect_timeout=5)
+    conn = await msstore.connect(endpoints.database_url, ms.nats_url, connect_timeout=5,
+                                 migration_url=endpoints.migration_url)
     c = Ctx(conn, unique)
     try:
         c.repo = await AgentRepository.open(conn, bucket=unique("repo"), **FAST_REPO)

@@ -43,9 +43,10 @@ async def run_and_kill(ms: msstore.Connection, bucket: str, agent: uuid.UUID, fl
     """Start a writer, SIGKILL it at a random point; return key -> last acknowledged revision."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(CRASH_WRITER),
-        "--database-url", ms.database_url, "--nats-url", ms.nats_url, "--bucket", bucket,
-        "--agent", str(agent), "--flusher", flusher, "--keys", "150", "--threshold", "20",
+        "--bucket", bucket, "--agent", str(agent), "--flusher", flusher, "--keys", "150",
+        "--threshold", "20",
         "--interval", "0.1", "--ack-wait", "1",
+        env=services.child_env(ms.database_url, ms.nats_url),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     assert proc.stdout is not None
     try:

@@ -94,7 +94,8 @@ async def hnsw_store(ms: msstore.Connection, open_vectors: OpenVectors) -> Vecto
     """2,000 generated passages, hashing-embedded (256 dims, indexed), table analysed."""
     store = await open_vectors(embedder=HashingEmbedder())
     await store.store_many(_corpus(2_000))
-    await ms.pool.execute("ANALYZE knowledge.documents")
+    async with ms.owner_connection() as owner:  # ANALYZE is the owner's (or autovacuum's)
+        await owner.execute("ANALYZE knowledge.documents")
     return store
 
 

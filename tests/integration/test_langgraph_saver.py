@@ -39,6 +39,7 @@ from langgraph.checkpoint.conformance.test_utils import (
 )
 
 import msstore
+from msstore import services
 from msstore.integrations.langgraph import MsstoreSaver
 from msstore.integrations.langgraph._layout import thread_agent
 
@@ -242,8 +243,8 @@ async def run_worker(ms: msstore.Connection, database_url: str, bucket: str, thr
                      ) -> tuple[list[int], dict[str, Any] | None]:
     """Run tests/langgraph_worker.py; kill -9 it after ``kill_after`` steps if given."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(WORKER), database_url, ms.nats_url, bucket, thread_id,
-        str(steps), *extra, stdout=asyncio.subprocess.PIPE)
+        sys.executable, str(WORKER), bucket, thread_id, str(steps), *extra,
+        env=services.child_env(database_url, ms.nats_url), stdout=asyncio.subprocess.PIPE)
     assert proc.stdout is not None
     done: list[int] = []
     final = None

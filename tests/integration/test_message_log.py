@@ -78,8 +78,11 @@ async def test_a_naive_identity_log_skips_a_late_commit_and_the_message_log_does
     head row until A commits, so the follower sees nothing, then both, in order.
     """
     naive = unique("naive_log")
-    await ms.pool.execute(f"CREATE TABLE {naive} (seq BIGINT GENERATED ALWAYS AS IDENTITY, "
-                          "payload TEXT NOT NULL)")
+    app = await ms.pool.fetchval("SELECT current_user")
+    async with ms.owner_connection() as owner:  # the application role has no DDL
+        await owner.execute(f"CREATE TABLE {naive} (seq BIGINT GENERATED ALWAYS AS IDENTITY, "
+                            "payload TEXT NOT NULL)")
+        await owner.execute(f'GRANT SELECT, INSERT ON {naive} TO "{app}"')
     async with ms.pool.acquire() as a:
         async with a.transaction():
             await a.execute(f"INSERT INTO {naive} (payload) VALUES ('a')")
@@ -90,7 +93,8 @@ async def test_a_naive_identity_log_skips_a_late_commit_and_the_message_log_does
         seen += [r["payload"] for r in await ms.pool.fetch(
             f"SELECT payload FROM {naive} WHERE seq > $1 ORDER BY seq", cursor)]
     assert seen == ["b"]  # 'a' committed and was skipped: the harness can fail
-    await ms.pool.execute(f"DROP TABLE {naive}")
+    async with ms.owner_connection() as owner:
+        await owner.execute(f"DROP TABLE {naive}")
 
     chat, log = unique("chat"), MessageLog(ms)
     async with ms.pool.acquire() as a:
@@ -296,7 +300,8 @@ async def test_the_paging_and_retention_queries_use_their_indexes(
     agents = [uuid.uuid4() for _ in range(40)]
     for channel, agent in zip(channels, agents, strict=True):
         await log.append_many(channel, [{"n": n} for n in range(250)], agent_id=agent)
-    await ms.pool.execute("VACUUM (ANALYZE) messages.log")  # what autovacuum keeps up
+    async with ms.owner_connection() as owner:  # VACUUM is the owner's (or autovacuum's)
+        await owner.execute("VACUUM (ANALYZE) messages.log")  # what autovacuum keeps up
     chat, agent = channels[7], agents[7]
     pages = ("Index Scan",)
     deletes = ("Index Scan", "Index Only Scan", "Bitmap Index Scan")

@@ -205,7 +205,8 @@ async def test_sql_guard_never_lets_an_older_version_overwrite_a_newer_row(
 async def test_persistent_sql_failure_is_reported_by_drain_and_nothing_is_lost(
         private_pg: Path, ms: msstore.Connection, unique: Callable[[str], str]) -> None:
     endpoints = await asyncio.to_thread(services.up, private_pg, which=("postgres",))
-    async with msstore.connect(endpoints.postgres.url, ms.nats_url) as pms:
+    async with msstore.connect(endpoints.database_url, ms.nats_url,
+                               migration_url=endpoints.migration_url) as pms:
         repo = await AgentRepository.open(pms, bucket=unique("repo"), max_retries=2,
                                           base_backoff=0.05, max_backoff=0.1)
         before = await repo.save(Agent(uuid.uuid4(), "early"))

@@ -357,9 +357,8 @@ class Writer:
 async def spawn(database_url: str, nats_url: str, bucket: str, agent: uuid.UUID, tag: str,
                 *extra: str) -> Writer:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(CRASH_WRITER), "--database-url", database_url,
-        "--nats-url", nats_url, "--bucket", bucket, "--agent", str(agent), "--tag", tag,
-        "--log-values", *extra,
+        sys.executable, str(CRASH_WRITER), "--bucket", bucket, "--agent", str(agent),
+        "--tag", tag, "--log-values", *extra, env=services.child_env(database_url, nats_url),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     ready = await asyncio.wait_for(proc.stdout.readline(), 60)

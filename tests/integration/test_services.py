@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from msstore import services
+from msstore._credentials import with_password
 
 MSSTORE = [sys.executable, "-m", "msstore.cli"]
 
@@ -68,8 +69,14 @@ def test_up_twice_starts_one_pair_and_down_leaves_nothing(tmp_path: Path) -> Non
 
     env = _cli(home, "env")
     state = services._read_state(home)
-    assert f"export MSSTORE_DATABASE_URL={state['postgres']['url']}" in env
-    assert f"export MSSTORE_NATS_URL={state['nats']['url']}" in env
+    creds = json.loads((home / "credentials.json").read_text())
+    pg, nats = creds["postgres"], creds["nats"]
+    assert f"export MSSTORE_DATABASE_URL={with_password(state['postgres']['url'], pg['app'], pg['app_password'])}" in env  # noqa: E501
+    assert f"export MSSTORE_MIGRATION_URL={with_password(state['postgres']['owner_url'], pg['owner'], pg['owner_password'])}" in env  # noqa: E501
+    assert f"export MSSTORE_NATS_URL={with_password(state['nats']['url'], nats['user'], nats['password'])}" in env  # noqa: E501
+    shown = (home / "services.json").read_text() + status
+    assert not any(secret in shown for secret in
+                   (pg["app_password"], pg["owner_password"], nats["password"]))
 
     assert "nats, postgres" in _cli(home, "down")
     assert _our_processes(home) == {"postgres": [], "nats-server": []}
@@ -165,7 +172,9 @@ def test_status_fails_and_env_starts_nothing_while_a_server_is_down(tmp_path: Pa
 
         env = _run(home, "env")
         assert env.returncode == 1 and "nats not answering" in env.stderr
-        assert f"export MSSTORE_NATS_URL={state['servers'][1]['url']}" in env.stdout
+        nats = json.loads((home / "credentials.json").read_text())["nats"]
+        url = with_password(state["servers"][1]["url"], nats["user"], nats["password"])
+        assert f"export MSSTORE_NATS_URL={url}" in env.stdout
         assert _our_processes(home)["nats-server"] == [], "`env` must not start servers"
         assert _run(home, "env", "--start").returncode == 0
         assert len(_our_processes(home)["nats-server"]) == 1
