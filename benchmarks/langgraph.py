@@ -12,7 +12,8 @@ Three checkpointers on the same servers, in rotating order per repetition:
 * ``MsstoreSaver`` — on the suite's connection, a scratch bucket; a save returns at KV's ack,
   the stream flusher writes ``agents.state`` behind it;
 * ``AsyncPostgresSaver`` (``langgraph-checkpoint-postgres``) — on a psycopg
-  ``AsyncConnectionPool`` of 16 connections to the same PostgreSQL (``ms.database_url``), its
+  ``AsyncConnectionPool`` of 16 connections to the same PostgreSQL (as the schema owner, since
+  ``setup()`` creates its tables: ``ms.migration_url``), its
   tables in a scratch schema (``search_path``) that is dropped at the end. The saver is used
   the way its documentation shows: one instance, ``setup()`` first. (It serialises its
   statements on one ``asyncio.Lock`` per instance, pool or not: that is the library's design.)
@@ -106,14 +107,16 @@ async def postgres_saver(ms: msstore.Connection, s: Scratch) -> AsyncIterator[An
     from psycopg_pool import AsyncConnectionPool
 
     schema = f"bench_lg_{RUN}_{uuid.uuid4().hex[:6]}"
-    await ms.pool.execute(f'CREATE SCHEMA "{schema}"')
+    async with ms.owner_connection() as conn:  # its own tables: DDL, so the owner's role
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
 
     async def drop() -> None:
-        await ms.pool.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        async with ms.owner_connection() as conn:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
     s.cleanups.append(drop)
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        ms.database_url, min_size=THREADS, max_size=THREADS, open=False,
+        ms.migration_url or ms.database_url, min_size=THREADS, max_size=THREADS, open=False,
         kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row,
                 "options": f"-c search_path={schema}"})
     await pool.open(wait=True)
@@ -156,10 +159,11 @@ async def rows_in_postgres(ms: msstore.Connection, side: str, saver: Any,
             "SELECT count(*) FROM agents.state WHERE agent_id = ANY($1::uuid[])", agents)
         return n
     total = 0
-    for table in PG_TABLES:
-        total += await ms.pool.fetchval(
-            f'SELECT count(*) FROM "{saver.schema}".{table} WHERE thread_id = ANY($1::text[])',
-            threads)
+    async with ms.owner_connection() as conn:  # its tables are the owner's, not msstore's
+        for table in PG_TABLES:
+            total += await conn.fetchval(
+                f'SELECT count(*) FROM "{saver.schema}".{table} '
+                "WHERE thread_id = ANY($1::text[])", threads)
     return total
 
 

@@ -36,7 +36,7 @@ from .errors import MigrationChecksumError, MigrationError, StoreError, StoreUna
 LOCK_KEY = 0x6D5_5354_4F52  # "msSTOR"
 _FILE_RE = re.compile(r"^(\d{3,})_([a-z0-9_]+)\.sql$")
 #: msstore's schemas: the application role gets read/write on these and nothing else.
-SCHEMAS = ("agents", "tasks", "messages", "knowledge")
+SCHEMAS = ("agents", "tasks", "messages", "knowledge", "langgraph")
 
 _GRANTS_MISSING = """
 SELECT EXISTS (
