@@ -46,12 +46,16 @@ notebooks: $(STAMP)
 
 # The second lane: PostgreSQL 15 / NATS 2.9 already running on this machine, used as external
 # servers. Skipped (with a message) where nothing answers on those ports.
-EXTERNAL_DB   ?= postgresql://postgres@127.0.0.1:5432/test
-EXTERNAL_NATS ?= nats://127.0.0.1:4222
+# The same two roles as the embedded servers: the owner runs the migrations, the application
+# role (created by the first migrating connect() when missing) everything else. The password is
+# only a placeholder where the server trusts loopback, as this machine's does.
+EXTERNAL_DB     ?= postgresql://postgres@127.0.0.1:5432/test
+EXTERNAL_APP_DB ?= postgresql://msstore_app:msstore-external-lane@127.0.0.1:5432/test
+EXTERNAL_NATS   ?= nats://127.0.0.1:4222
 external: $(STAMP)
 	@if $(BIN)/python -m msstore.cli probe $(EXTERNAL_DB) $(EXTERNAL_NATS); then \
-	  MSSTORE_DATABASE_URL=$(EXTERNAL_DB) MSSTORE_NATS_URL=$(EXTERNAL_NATS) \
-	    $(BIN)/pytest -q tests/integration; \
+	  MSSTORE_MIGRATION_URL=$(EXTERNAL_DB) MSSTORE_DATABASE_URL=$(EXTERNAL_APP_DB) \
+	  MSSTORE_NATS_URL=$(EXTERNAL_NATS) $(BIN)/pytest -q tests/integration; \
 	else echo "external lane: no PostgreSQL/NATS answering at $(EXTERNAL_DB) $(EXTERNAL_NATS); skipped"; fi
 
 test: $(STAMP)

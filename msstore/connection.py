@@ -286,11 +286,21 @@ async def _open(database_url: str | None, nats_url: str | None, *, migrate: bool
     owner_url = migration_url or endpoints.migration_url
     pg_source = _source(database_url, services.DATABASE_URL_ENV, endpoints.postgres)
     pg_shown = redact(endpoints.database_url)
-    try:
-        pool = await asyncpg.create_pool(
+    def create_pool() -> Any:
+        return asyncpg.create_pool(
             endpoints.database_url, min_size=min_size, max_size=max_size, init=init_connection,
             timeout=connect_timeout,
             server_settings={**DEFAULT_SERVER_SETTINGS, **(server_settings or {})})
+
+    try:
+        try:
+            pool = await create_pool()
+        except asyncpg.InvalidAuthorizationSpecificationError:  # e.g. the role is missing
+            if not (migrate and owner_url and owner_url != endpoints.database_url
+                    and await migrations.create_application_role(owner_url,
+                                                                 endpoints.database_url)):
+                raise
+            pool = await create_pool()
     except asyncpg.PostgresError as e:  # it answered: a role, password or database problem
         raise StoreUnavailableError(
             f"PostgreSQL at {pg_shown} refused the connection: {e} "

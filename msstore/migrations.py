@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
@@ -193,6 +194,31 @@ async def _migrate(conn: Any, migrations: list[Migration]) -> list[str]:
                 await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
 
 
+async def create_application_role(owner_url: str, app_url: str) -> bool:
+    """Create the application role (``msstore_app``, the user of ``app_url``, with its
+    password) as the owner, when it is missing; True if it was created. Any other user in
+    ``app_url`` is left to you: msstore grants only its own role."""
+    parts = urlsplit(app_url)
+    if parts.username != PG_APP:
+        return False
+    with pg_errors(f"create the role {PG_APP}"):
+        conn = await asyncpg.connect(owner_url)
+        try:
+            if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", PG_APP):
+                return False
+            sql = await conn.fetchval(  # the password as a literal: CREATE ROLE takes no $1
+                "SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', $1::text, $2::text)",
+                PG_APP, unquote(parts.password or "")) if parts.password else \
+                f'CREATE ROLE "{PG_APP}" LOGIN'
+            try:
+                await conn.execute(sql)
+            except asyncpg.DuplicateObjectError:  # another process created it first
+                return False
+        finally:
+            await conn.close()
+    return True
+
+
 async def grant_application_role(conn: Any, role: str = PG_APP) -> bool:
     """Grant ``role`` read/write on msstore's schemas when it exists and lacks any of it (see
     the module docstring); True when grants were made. Names come from :data:`SCHEMAS`."""
@@ -226,5 +252,14 @@ async def grant_application_role(conn: Any, role: str = PG_APP) -> bool:
     return True
 
 
-__all__ = ["LOCK_KEY", "SCHEMAS", "Migration", "applied", "default_directory",
-           "grant_application_role", "load", "migrate"]
+__all__ = [
+    "LOCK_KEY",
+    "SCHEMAS",
+    "Migration",
+    "applied",
+    "create_application_role",
+    "default_directory",
+    "grant_application_role",
+    "load",
+    "migrate",
+]

@@ -247,6 +247,40 @@ async def test_an_old_state_folder_is_upgraded_once_on_the_next_up(
         await asyncio.to_thread(services.purge, old)
 
 
+async def test_a_migrating_connect_creates_a_missing_application_role_with_its_password(
+        embedded: None, tmp_path: Path) -> None:
+    home = tmp_path / "bare"
+    ends = await asyncio.to_thread(services.up, home)
+    try:
+        owner = await asyncpg.connect(ends.migration_url, timeout=10)
+        try:  # a server where nobody made the role (as on your own servers)
+            await owner.execute("DROP OWNED BY msstore_app")
+            await owner.execute("DROP ROLE msstore_app")
+            async with msstore.connect(ends.database_url, ends.nats_url,
+                                       migration_url=ends.migration_url) as conn:
+                assert await conn.pool.fetchval("SELECT current_user") == "msstore_app"
+                await conn.pool.execute(
+                    "INSERT INTO agents.state (agent_id, key, value, version) "
+                    "VALUES (gen_random_uuid(), 'k', '1', 1)")
+                assert await conn.pool.fetchval("SELECT count(*) FROM agents.state") == 1
+            role = await owner.fetchrow(
+                "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolcanlogin "
+                "FROM pg_roles WHERE rolname = 'msstore_app'")
+            assert tuple(role) == (False, False, False, False, True)
+            with pytest.raises(asyncpg.InvalidPasswordError):  # its password is the URL's
+                await asyncpg.connect(wrong_password(ends.database_url), timeout=5)
+            # without migrate=True nothing creates it: the refusal names what to fix
+            await owner.execute("DROP OWNED BY msstore_app")
+            await owner.execute("DROP ROLE msstore_app")
+            with pytest.raises(msstore.StoreUnavailableError, match="refused the connection"):
+                await msstore.connect(ends.database_url, ends.nats_url, migrate=False,
+                                      migration_url=ends.migration_url)
+        finally:
+            await owner.close()
+    finally:
+        await asyncio.to_thread(services.purge, home)
+
+
 HOSTILE = ["x; DROP TABLE agents.state", "a.b", "a*", "a>", "", "bucket name", "$KV", "é",
            "a\x00b", "../etc", "a'b", 'a"b']
 

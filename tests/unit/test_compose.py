@@ -114,9 +114,31 @@ def test_both_services_use_named_volumes(compose: dict[str, Any],
         assert sources & declared, f"{name}: no named volume among {sources}"
 
 
-def test_env_example_names_both_urls(env: dict[str, str]) -> None:
-    assert env["MSSTORE_DATABASE_URL"] == "postgresql://msstore:msstore@127.0.0.1:5432/msstore"
-    assert env["MSSTORE_NATS_URL"] == "nats://127.0.0.1:4222"
+def test_env_example_names_the_owner_the_application_role_and_nats(env: dict[str, str]) -> None:
+    assert env["MSSTORE_MIGRATION_URL"] == "postgresql://msstore:msstore@127.0.0.1:5432/msstore"
+    assert env["MSSTORE_DATABASE_URL"] == \
+        "postgresql://msstore_app:msstore-app@127.0.0.1:5432/msstore"
+    assert env["MSSTORE_NATS_URL"] == "nats://msstore:msstore@127.0.0.1:4222"
+
+
+def test_the_application_role_is_msstores_on_the_owners_database(env: dict[str, str]) -> None:
+    app, owner = urlsplit(env["MSSTORE_DATABASE_URL"]), urlsplit(env["MSSTORE_MIGRATION_URL"])
+    assert app.username == "msstore_app" != owner.username  # the role migrate() grants
+    assert (app.hostname, app.port, app.path) == (owner.hostname, owner.port, owner.path)
+
+
+def test_every_port_is_published_on_loopback_only(services: dict[str, Any]) -> None:
+    for name in ("postgres", "nats"):
+        for entry in services[name]["ports"]:
+            assert str(entry).startswith("127.0.0.1:"), (name, entry)
+
+
+def test_nats_wants_the_user_and_password_of_the_nats_url(services: dict[str, Any],
+                                                          env: dict[str, str]) -> None:
+    args = command_args(services["nats"])
+    url = urlsplit(env["MSSTORE_NATS_URL"])
+    assert (args[args.index("--user") + 1], args[args.index("--pass") + 1]) == (
+        url.username, url.password)
 
 
 def test_postgres_port_matches_database_url(services: dict[str, Any],
@@ -132,9 +154,9 @@ def test_nats_port_matches_nats_url(services: dict[str, Any], env: dict[str, str
     assert published_ports(services["nats"])[4222] == url.port
 
 
-def test_postgres_credentials_match_database_url(services: dict[str, Any],
-                                                 env: dict[str, str]) -> None:
-    url = urlsplit(env["MSSTORE_DATABASE_URL"])
+def test_postgres_credentials_match_the_owners_url(services: dict[str, Any],
+                                                   env: dict[str, str]) -> None:
+    url = urlsplit(env["MSSTORE_MIGRATION_URL"])
     pg_env = environment(services["postgres"])
     assert (pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"], pg_env["POSTGRES_DB"]) == (
         url.username, url.password, url.path.lstrip("/"))
