@@ -17,7 +17,7 @@ import pandas as pd
 import msstore
 
 
-async def load_with(ms: msstore.Connection, insert_sql: str, rows: Sequence[tuple[Any, ...]],
+async def load_with(conn: Any, insert_sql: str, rows: Sequence[tuple[Any, ...]],
                     index_defs: Sequence[str], *, batch: int) -> tuple[float, int]:
     """(insert ms, index bytes) for ``rows`` in a scratch copy of ``agents.state``.
 
@@ -25,22 +25,21 @@ async def load_with(ms: msstore.Connection, insert_sql: str, rows: Sequence[tupl
     the write-ahead log is written as it would be for the real table.
     """
     scratch = f"public.nb02_scratch_{uuid.uuid4().hex[:12]}"
-    async with ms.owner_connection() as conn:
-        tx = conn.transaction()
-        await tx.start()
-        try:
-            await conn.execute(f"CREATE TABLE {scratch} (LIKE agents.state INCLUDING DEFAULTS, "
-                               "PRIMARY KEY (agent_id, key))")
-            for definition in index_defs:
-                await conn.execute(f"CREATE INDEX ON {scratch} {definition}")
-            sql = insert_sql.replace("agents.state", scratch)
-            t0 = time.perf_counter()
-            for i in range(0, len(rows), batch):
-                await conn.execute(sql, *map(list, zip(*rows[i:i + batch], strict=True)))
-            insert_ms = (time.perf_counter() - t0) * 1000
-            size = await conn.fetchval("SELECT pg_indexes_size($1::regclass)", scratch)
-        finally:
-            await tx.rollback()
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        await conn.execute(f"CREATE TABLE {scratch} (LIKE agents.state INCLUDING DEFAULTS, "
+                           "PRIMARY KEY (agent_id, key))")
+        for definition in index_defs:
+            await conn.execute(f"CREATE INDEX ON {scratch} {definition}")
+        sql = insert_sql.replace("agents.state", scratch)
+        t0 = time.perf_counter()
+        for i in range(0, len(rows), batch):
+            await conn.execute(sql, *map(list, zip(*rows[i:i + batch], strict=True)))
+        insert_ms = (time.perf_counter() - t0) * 1000
+        size = await conn.fetchval("SELECT pg_indexes_size($1::regclass)", scratch)
+    finally:
+        await tx.rollback()
     return insert_ms, size
 
 
@@ -49,14 +48,16 @@ async def compare(ms: msstore.Connection, insert_sql: str, rows: Sequence[tuple[
                   batch: int) -> pd.DataFrame:
     """Median insert ms and index MB per set of indexes, the sets alternating each round.
 
-    The last row is the first set divided by the second (how many times the cost).
+    The last row is the first set divided by the second (how many times the cost). Every
+    load runs on one owner connection, so no set pays for a cold one.
     """
     names = list(index_sets)
     got: dict[str, list[tuple[float, int]]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            got[name].append(await load_with(ms, insert_sql, rows, index_sets[name],
-                                             batch=batch))
+    async with ms.owner_connection() as conn:
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                got[name].append(await load_with(conn, insert_sql, rows, index_sets[name],
+                                                 batch=batch))
     cost = pd.DataFrame({name: {"insert ms": statistics.median(t for t, _ in runs),
                                 "index MB": runs[-1][1] / 2**20}
                          for name, runs in got.items()}).T
