@@ -34,6 +34,7 @@ from nats.js.kv import KeyValue
 from . import _durable, _nats
 from ._check import agent_uuid, positive_int, positive_seconds
 from ._pg import pg_errors
+from ._publish import Created, create_pipelined
 from .codec import reencode
 from .engine import StateEngine, StateManager
 from .errors import InvalidOptionError, StoreUnavailableError
@@ -201,9 +202,9 @@ class AgentIO(StateManager):
                 with nats_errors("hydrate KV"):
                     if await self._creates_stall_a_log():
                         self.counters["hydrations_uncached"] += len(rows)
-                        done = _nats.Created(0, 0, 0)
+                        done = Created(0, 0, 0)
                     else:
-                        done = await _nats.create_pipelined(
+                        done = await create_pipelined(
                             self.ms.nc, self.subject_prefix, _kv_items(agent, rows),
                             window=self.hydrate_chunk, ack_timeout=self.nats_timeout)
             except BaseException:

@@ -80,6 +80,7 @@ from ._cache_stats import COUNTERS, TierStats, invalidations_frame, samples_fram
 from ._check import non_negative_int, not_open, optional_seconds, positive_int, positive_seconds
 from ._l1 import L1, CacheEntry, CacheSource, L1HighWater
 from ._loader import Loader
+from ._publish import publish_delete
 from ._watch import KVWatch
 from .errors import InvalidOptionError, InvalidValueError
 from .keys import encode_token, join_key
@@ -324,8 +325,8 @@ class TieredCacheRepository(Generic[T]):
         try:
             with kv_errors(f"delete {kkey!r} from bucket {self.bucket!r}", write=True):
                 if self.ms is not None:
-                    revision = await _nats.publish_delete(
-                        self.ms.js, _nats.kv_prefix(self.bucket) + kkey)
+                    revision = await publish_delete(
+                        self.ms.nc, _nats.kv_prefix(self.bucket) + kkey)
                 else:
                     await kv.delete(kkey)
         except BaseException:

@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import asyncpg
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from . import _nats
 from ._pg import pg_errors
+from ._publish import publish_delete, publisher
 from .codec import dumps, loads
 from .errors import NotFoundError
 from .keys import encode_token, join_key, split_key
@@ -103,15 +105,16 @@ async def load(pool: asyncpg.Pool, agent: uuid.UUID, checkpoint_id: uuid.UUID, *
     return {k: dumps(v, max_bytes=1 << 30) for k, v in snap.items()}, int(row["kv_revision"] or 0)
 
 
-async def write_back(js: JetStreamContext, kv: KeyValue, prefix: str, agent: uuid.UUID,
+async def write_back(nc: Client, prefix: str, agent: uuid.UUID,
                      values: Mapping[str, bytes], removed: Sequence[str]) -> list[StateChange]:
     """Put ``values`` into KV again and delete ``removed`` (subjects under ``prefix``); return
     the changes with their new revisions."""
     with nats_errors(f"restore agent {agent} into KV"):
+        pub = publisher(nc)
         put_revs = await asyncio.gather(*(
-            kv.put(join_key(str(agent), k), d) for k, d in values.items()))
+            pub.publish(prefix + join_key(str(agent), k), d) for k, d in values.items()))
         del_revs = await asyncio.gather(*(
-            _nats.publish_delete(js, prefix + join_key(str(agent), k)) for k in removed))
+            publish_delete(nc, prefix + join_key(str(agent), k)) for k in removed))
     changes = [StateChange(agent, k, int(r), d)
                for (k, d), r in zip(values.items(), put_revs, strict=True)]
     changes += [StateChange(agent, k, int(r), None) for k, r in zip(removed, del_revs, strict=True)]

@@ -41,6 +41,7 @@ from . import _nats
 from ._check import agent_uuid, positive_seconds
 from ._managed import Managed
 from ._pg import pg_errors
+from ._publish import create_hydrated, publish_delete, publisher
 from ._readthrough import KVRead, read_through
 from .codec import dumps, loads, reencode
 from .errors import NotFoundError
@@ -165,9 +166,10 @@ class StateEngine:
         return StateChange(change.agent, change.key, revision, change.data)
 
     async def _publish(self, change: Encoded) -> int:
+        subject = self.subject_prefix + change.kv_key
         if change.data is None:
-            return await _nats.publish_delete(self.ms.js, self.subject_prefix + change.kv_key)
-        return int(await self.kv.put(change.kv_key, change.data))
+            return await publish_delete(self.ms.nc, subject)
+        return await publisher(self.ms.nc).publish(subject, change.data)
 
     # ---------------------------------------------------------------- reads
 
@@ -202,7 +204,7 @@ class StateEngine:
                 return True
             with nats_errors(f"hydrate {key!r}"):
                 created = await retry_not_stored(
-                    lambda: _nats.create_hydrated(self.ms.js, subject, data),
+                    lambda: create_hydrated(self.ms.nc, subject, data),
                     f"hydrate {key!r}", self.leader_wait)
             self.counters["hydrations" if created else "hydration_conflicts"] += 1
             return created

@@ -53,12 +53,21 @@ def check_bucket_name(name: str) -> str:
 
 
 def cluster_size(js: JetStreamContext) -> int:
-    """How many servers the connected NATS has: 1, or the cluster's client URLs it announces
-    (a node that is down while we connect is not counted)."""
-    info = getattr(getattr(js, "_nc", None), "_server_info", None) or {}
+    """How many servers the connected NATS has: 1, or the larger of the client URLs the
+    cluster announced when we connected and the URLs the client was given.
+
+    The announcement alone can be short by a node that had not finished joining yet (seen
+    right after a cluster started: an R2 bucket on three nodes); a node that is down while we
+    connect is counted only if it was among the URLs given.
+    """
+    nc = getattr(js, "_nc", None)
+    info = getattr(nc, "_server_info", None) or {}
     if not info.get("cluster"):
         return 1
-    return max(1, len(set(info.get("connect_urls") or [])))
+    announced = len(set(info.get("connect_urls") or []))
+    given = len({s.uri.netloc for s in getattr(nc, "_server_pool", None) or []
+                 if not getattr(s, "discovered", False)})
+    return max(1, announced, given)
 
 
 def check_replicas(replicas: object, what: str = "replicas") -> int | None:

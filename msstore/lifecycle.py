@@ -45,7 +45,7 @@ What msstore adds to the seed's pseudocode, and which shared piece does it:
 
 * **hydration** loads the agent's rows with *one* query (values as text), re-encodes each
   with :func:`msstore.codec.reencode` (the codec's bytes) and creates them in KV pipelined
-  (:func:`msstore._nats.create_pipelined`: at most ``hydrate_chunk`` compare-and-set creates in
+  (:func:`msstore._publish.create_pipelined`: at most ``hydrate_chunk`` compare-and-set creates in
   flight, acks counted on one inbox), so a newer value or a delete marker already in KV is
   never overwritten by an older row. Concurrent ``hydrate_agent`` calls for one agent share one
   hydration (single-flight).
@@ -277,7 +277,7 @@ class StateLifecycleManager(AgentIO):
             current = await checkpoints.snapshot(self.ms.js, kv, self.bucket, agent,
                                               nats_timeout=self.nats_timeout)
             removed = sorted(set(current.revisions) - set(values))
-            changes = await checkpoints.write_back(self.ms.js, kv, self.subject_prefix, agent,
+            changes = await checkpoints.write_back(self.ms.nc, self.subject_prefix, agent,
                                                    values, removed)
             # KV now holds the checkpoint; until SQL does too, every key stays dirty
             await self._mark_dirty(slot, {c.key: c.revision for c in changes})

@@ -49,6 +49,7 @@ from . import _nats
 from ._check import agent_uuid, non_negative_int, positive_int, positive_seconds
 from ._managed import Lifetime, Managed
 from ._pg import pg_errors
+from ._publish import publish_delete
 from ._readthrough import KVRead, read_through
 from ._registry import REGISTRY_MERGE_SQL, RegistryWriter
 from .agent import MAX_STATUS_LEN as MAX_STATUS_LEN
@@ -323,8 +324,8 @@ class AgentRepository(Managed):
         agent_id = agent_uuid(id)
         self._check_backpressure()
         with nats_errors(f"delete agent {agent_id}"):
-            revision = await _nats.publish_delete(
-                self.ms.js, _nats.kv_prefix(self.bucket) + self.kv_key(agent_id))
+            revision = await publish_delete(
+                self.ms.nc, _nats.kv_prefix(self.bucket) + self.kv_key(agent_id))
         self._writer.enqueue(agent_id, revision, None)
         self.counters["deletes"] += 1
 

@@ -17,7 +17,7 @@ import nats.js.errors
 import pytest
 
 import msstore
-from msstore import _nats, services
+from msstore import _nats, _publish, services
 from msstore.codec import dumps, loads
 from msstore.errors import NotFoundError, StoreUnavailableError
 from msstore.hybrid import StateChange, merge_changes
@@ -163,9 +163,9 @@ async def test_hydration_counts_are_exact_and_newer_values_and_delete_markers_wi
     """Both ways of sending the creates: HPUB commands built once (the fast path, taken
     while connected) and nc.publish (while reconnecting, or with another nats-py)."""
     if raw:
-        assert _nats._raw_writes(ms.nc)  # this nats-py still has what the fast path needs
+        assert _publish._raw_writes(ms.nc)  # this nats-py still has what the fast path needs
     else:
-        monkeypatch.setattr(_nats, "_raw_writes", lambda nc: False)
+        monkeypatch.setattr(_publish, "_raw_writes", lambda nc: False)
     agent = uuid.uuid4()
     values = {f"k{i:03d}": {"sql": i} for i in range(100)}
     await seed_sql(ms, agent, values)

@@ -48,6 +48,8 @@ from nats.js.kv import KeyValue
 
 from ..._check import positive_int, positive_seconds
 from ..._managed import Managed
+from ..._nats import kv_prefix
+from ..._publish import kv_update
 from ...errors import CheckpointConflictError, InvalidOptionError
 from ...hybrid import HybridStateManager
 from ...kv import DEFAULT_TTL_SECONDS, check_bucket_name, ensure_bucket, nats_errors
@@ -104,6 +106,7 @@ class MsstoreSaver(Managed, BaseCheckpointSaver[str]):
                                       close_timeout=close_timeout)
         self._ttl, self._replicas = ttl, replicas
         self._heads: KeyValue | None = None
+        self._heads_prefix = kv_prefix(self.heads_bucket)
         #: the heads-bucket revision this saver last saw per namespace (0: none existed)
         self._seen: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -150,11 +153,11 @@ class MsstoreSaver(Managed, BaseCheckpointSaver[str]):
             expected = (await self._head(key))[1]
         try:
             with nats_errors(f"advance thread {thread_id!r}"):
-                if expected == 0:
+                if expected == 0:  # nats-py's create also steps over a delete marker
                     revision = await self._heads.create(key, checkpoint_id.encode())
-                else:
-                    revision = await self._heads.update(key, checkpoint_id.encode(),
-                                                        last=expected)
+                else:  # the hot path
+                    revision = await kv_update(self.ms.nc, self._heads_prefix + key,
+                                               checkpoint_id.encode(), last=expected)
         except nats.js.errors.KeyValueError as e:  # wrong last sequence: someone else wrote
             head, _ = await self._head(key)
             self._seen.pop(key, None)
