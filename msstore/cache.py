@@ -80,7 +80,7 @@ from ._cache_stats import COUNTERS, TierStats, invalidations_frame, samples_fram
 from ._check import non_negative_int, not_open, optional_seconds, positive_int, positive_seconds
 from ._l1 import L1, CacheEntry, CacheSource, L1HighWater
 from ._loader import Loader
-from ._publish import publish_delete
+from ._publish import publish_delete, publisher
 from ._watch import KVWatch
 from .errors import InvalidOptionError, InvalidValueError
 from .keys import encode_token, join_key
@@ -300,7 +300,11 @@ class TieredCacheRepository(Generic[T]):
         epoch = self._watch.epoch
         try:
             with kv_errors(f"write {kkey!r} to bucket {self.bucket!r}", write=True):
-                revision = int(await kv.put(kkey, data))
+                if self.ms is not None and self.ms.nc is not None:  # as invalidate() does
+                    revision = await publisher(self.ms.nc).publish(
+                        _nats.kv_prefix(self.bucket) + kkey, data)
+                else:
+                    revision = int(await kv.put(kkey, data))
         except BaseException:
             self._write_failed(key)
             raise

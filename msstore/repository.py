@@ -49,7 +49,7 @@ from . import _nats
 from ._check import agent_uuid, non_negative_int, positive_int, positive_seconds
 from ._managed import Lifetime, Managed
 from ._pg import pg_errors
-from ._publish import publish_delete
+from ._publish import kv_update, publish_delete, publisher
 from ._readthrough import KVRead, read_through
 from ._registry import REGISTRY_MERGE_SQL, RegistryWriter
 from .agent import MAX_STATUS_LEN as MAX_STATUS_LEN
@@ -135,6 +135,7 @@ class AgentRepository(Managed):
             positive_seconds(name, seconds)
         self.ms = ms
         self.bucket = check_bucket_name(bucket)
+        self._prefix = _nats.kv_prefix(self.bucket)
         self.ttl = float(ttl)
         self.batch_size = batch_size
         self.max_retries = max_retries
@@ -179,12 +180,12 @@ class AgentRepository(Managed):
         The SQL upsert is queued, not awaited: see :attr:`pending` and :meth:`drain`.
         """
         self._check_open()
-        kv = self._kv
         agent = check_agent(agent)
         self._check_backpressure()
         data = dumps(agent.to_dict())
         with nats_errors(f"save agent {agent.id}"):
-            revision = await kv.put(self.kv_key(agent.id), data)
+            revision = await publisher(self.ms.nc).publish(self._prefix + self.kv_key(agent.id),
+                                                           data)
         saved = dataclasses.replace(agent, version=revision)
         self._writer.enqueue(agent.id, revision, saved)
         self.counters["saves"] += 1
@@ -197,7 +198,6 @@ class AgentRepository(Managed):
         returned). A stale version raises :class:`~msstore.ConflictError`.
         """
         self._check_open()
-        kv = self._kv
         agent = check_agent(agent)
         expected = agent.version if expected_version is None else expected_version
         if isinstance(expected, bool) or not isinstance(expected, int) or expected < 1:
@@ -208,7 +208,7 @@ class AgentRepository(Managed):
         key, data = self.kv_key(agent.id), dumps(agent.to_dict())
         try:
             with nats_errors(f"update agent {agent.id}"):
-                revision = await kv.update(key, data, last=expected)
+                revision = await kv_update(self.ms.nc, self._prefix + key, data, last=expected)
         except nats.js.errors.KeyWrongLastSequenceError as e:
             revision = await self._update_after_kv_loss(agent.id, key, data, expected, e)
         updated = dataclasses.replace(agent, version=revision)

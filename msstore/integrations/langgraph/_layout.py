@@ -22,6 +22,7 @@ of a value is kept as its type name and base64 bytes, so any serde round-trips e
 from __future__ import annotations
 
 import base64
+import functools
 import re
 import uuid
 from collections.abc import Iterable
@@ -39,8 +40,10 @@ _PLAIN = re.compile(r"[0-9A-Za-z][-0-9A-Za-z]*")
 EMPTY: Final = {"t": "empty"}
 
 
+@functools.lru_cache(maxsize=16_384)
 def thread_agent(bucket: str, thread_id: str) -> uuid.UUID:
-    """The msstore agent of a thread: stable across processes, distinct per bucket."""
+    """The msstore agent of a thread: stable across processes, distinct per bucket (memoised:
+    every checkpoint and write of a thread asks for it)."""
     return uuid.uuid5(THREAD_NAMESPACE, f"{bucket}\x00{thread_id}")
 
 
