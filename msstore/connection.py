@@ -169,7 +169,9 @@ class Connection:
                 try:
                     await self.nc.drain()
                 except nats.errors.Error:
-                    with contextlib.suppress(nats.errors.Error):
+                    # the socket may be gone too (ConnectionResetError from the transport):
+                    # the client ends closed either way
+                    with contextlib.suppress(nats.errors.Error, OSError):
                         await self.nc.close()
         finally:
             await self.pool.close()
