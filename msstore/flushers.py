@@ -22,8 +22,9 @@ import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -35,6 +36,13 @@ from .kv import DEFAULT_LEADER_WAIT, retry_not_stored
 from .merge import Committer, StateChange
 
 log = logging.getLogger("msstore.flushers")
+
+T = TypeVar("T")
+
+
+class _Unanswered(Exception):
+    """A JetStream request that timed out while the client was connected (flush() retries)."""
+
 
 _FIRST_RECHECK: Final = 0.005  # seconds; flush() rechecks at 5, 10, 20 … ms up to poll_interval
 
@@ -103,11 +111,15 @@ class Flusher(ABC):
         ``asyncio.timeout()`` if the caller cannot wait.
         """
         # A cluster answers 503 / no responders while a stream or consumer has no leader (an
-        # election, a node rejoining): retried for the writes' budget, then NoLeaderError.
-        target = await retry_not_stored(self._target, "mark a flush", DEFAULT_LEADER_WAIT)
+        # election, a node rejoining), or does not answer at all for a while: retried for the
+        # writes' budget, then NoLeaderError. (The mark is a plain put: one that timed out
+        # and landed after all only moves the target later.)
+        target = await retry_not_stored(lambda: self._answered(self._target()), "mark a flush",
+                                        DEFAULT_LEADER_WAIT, also=(_Unanswered,))
         recheck = _FIRST_RECHECK
-        while not await retry_not_stored(lambda: self._done(target), "follow the flush",
-                                         DEFAULT_LEADER_WAIT):
+        while not await retry_not_stored(lambda: self._answered(self._done(target)),
+                                         "follow the flush", DEFAULT_LEADER_WAIT,
+                                         also=(_Unanswered,)):
             if self.worker.dead:
                 raise StoreUnavailableError(f"the {self.name} flusher stopped: "
                                             f"{self.worker.error!r}")
@@ -119,6 +131,15 @@ class Flusher(ABC):
                 recheck = _FIRST_RECHECK
             else:
                 recheck *= 2
+
+    async def _answered(self, call: Awaitable[T]) -> T:
+        """``await call``; a timeout while connected becomes :class:`_Unanswered` (retried)."""
+        try:
+            return await call
+        except TimeoutError as e:
+            if self.nc.is_connected:  # connected, yet no answer: nobody leads that stream yet
+                raise _Unanswered(repr(e)) from e
+            raise  # not connected: an outage, reported as such
 
     async def close(self) -> None:
         await self.worker.stop()

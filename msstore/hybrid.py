@@ -180,10 +180,11 @@ class HybridStateManager(StateManager):
         except (TimeoutError, StoreUnavailableError) as e:
             where = ("stay in the durability log for the next flusher"
                      if self.flusher_name == "stream" else "are lost with this process' dirty set")
-            if not isinstance(e, TimeoutError):  # the flush failed before its time ran out
-                raise StoreUnavailableError(
-                    f"close() could not flush: {e}; {self._flusher.backlog()} changes "
-                    f"{where}") from e
+            if isinstance(e, StoreUnavailableError):  # it failed before close_timeout ran out
+                kind = StoreTimeoutError if isinstance(e, StoreTimeoutError) \
+                    else StoreUnavailableError
+                raise kind(f"close() could not flush: {e}; {self._flusher.backlog()} changes "
+                           f"{where}") from e
             raise StoreTimeoutError(
                 f"close() could not flush within {self.close_timeout} s (last error: "
                 f"{self.last_error!r}); {self._flusher.backlog()} changes {where}") from e

@@ -145,15 +145,17 @@ def not_stored(e: BaseException) -> bool:
 
 
 async def retry_not_stored(publish: Callable[[], Awaitable[T]], what: str,
-                           budget: float) -> T:
-    """``publish()`` again while no stream leader takes it (:data:`NOT_STORED`), with capped
-    backoff, for at most ``budget`` seconds; then :class:`NoLeaderError`."""
+                           budget: float, *, also: tuple[type[BaseException], ...] = ()) -> T:
+    """``publish()`` again while no stream leader takes it (:data:`NOT_STORED`, and the
+    errors in ``also``), with capped backoff, for at most ``budget`` seconds; then
+    :class:`NoLeaderError`."""
     deadline = time.monotonic() + budget
     delay = 0.05
+    retried = NOT_STORED + also
     while True:
         try:
             return await publish()
-        except NOT_STORED as e:
+        except retried as e:
             if time.monotonic() + delay > deadline:
                 raise NoLeaderError(
                     f"NATS had no stream leader to {what} for {budget:g} s (an election, or "
