@@ -177,7 +177,11 @@ class Publisher:
         err = ack_error(msg)
         if err is not None:
             raise err
-        return int(orjson.loads(msg.data)["seq"])  # '"error"' was inside a domain name
+        seq = orjson.loads(msg.data).get("seq")  # '"error"' was inside a domain name
+        if not isinstance(seq, int):
+            raise nats.js.errors.APIError(description=f"JetStream ack without a sequence "
+                                                      f"{msg.data!r}")
+        return seq
 
 
 _PUBLISHERS: weakref.WeakKeyDictionary[Client, Publisher] = weakref.WeakKeyDictionary()

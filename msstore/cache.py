@@ -300,11 +300,9 @@ class TieredCacheRepository(Generic[T]):
         epoch = self._watch.epoch
         try:
             with kv_errors(f"write {kkey!r} to bucket {self.bucket!r}", write=True):
-                if self.ms is not None and self.ms.nc is not None:  # as invalidate() does
-                    revision = await publisher(self.ms.nc).publish(
-                        _nats.kv_prefix(self.bucket) + kkey, data)
-                else:
-                    revision = int(await kv.put(kkey, data))
+                revision = int(await kv.put(kkey, data)) if self.ms is None or self.ms.nc is None \
+                    else await publisher(self.ms.nc).publish(_nats.kv_prefix(self.bucket) + kkey,
+                                                             data)
         except BaseException:
             self._write_failed(key)
             raise
