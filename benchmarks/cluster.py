@@ -36,8 +36,10 @@ from msstore.keys import join_key
 from .common import Comparison, gather_chunked, order, payload, percentile, progress, scratch
 
 FLUSHER = Path(__file__).with_name("flusher_proc.py")
+#: Nothing is committed before the timed flush(): no threshold, no interval, and a batch (the
+#: most the stream flusher's tail holds before it commits) larger than any measured flush.
 QUIET: dict[str, Any] = {"flush_threshold": 10**9, "flush_interval": 3600.0,
-                         "batch_size": 10_000, "max_backlog": 10**7}
+                         "batch_size": 20_000, "max_backlog": 10**7}
 
 
 @contextlib.asynccontextmanager

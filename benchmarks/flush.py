@@ -5,7 +5,9 @@
 * raw floor: rows already serialised, binary ``COPY`` (asyncpg ``copy_records_to_table``)
   into a temp table plus one guarded merge statement — what PostgreSQL needs at least;
 * msstore ``dirty-set`` / ``stream``: ``HybridStateManager.flush()`` after N acknowledged
-  ``write_state`` calls (the stream flusher also fetches and acks the N stream messages).
+  ``write_state`` calls. The stream flusher's tail has taken in and parsed the N log messages
+  as the log copied them (untimed, like the dirty-set's dict and the floor's serialised rows);
+  its flush merges them and acks the N messages.
 
 Each repetition writes a fresh agent's N keys for every variant (untimed), then times the four
 flushes back to back in a rotating order, each starting from a merged GIN pending list.
@@ -47,8 +49,10 @@ ON CONFLICT (agent_id, key) DO UPDATE
     WHERE agents.state.version < excluded.version
 """
 
+#: Nothing is committed before the timed flush(): no threshold, no interval, and a batch (the
+#: most the stream flusher's tail holds before it commits) larger than any measured flush.
 QUIET: dict[str, Any] = {"flush_threshold": 10**9, "flush_interval": 3600.0,
-                         "batch_size": 10_000, "max_backlog": 10**7}
+                         "batch_size": 20_000, "max_backlog": 10**7}
 
 
 async def seed_flush_agent(ms: msstore.Connection, kv: Any, agent: uuid.UUID,

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -29,9 +31,21 @@ from nats.js.api import Header, RetentionPolicy, StorageType, StreamConfig, Stre
 from nats.protocol.command import pub_cmd
 
 from ._background import wait_event
-from ._nats import kv_stream, stream_epoch
+from ._nats import (
+    DELETE_OPS,
+    FLUSH_KEY,
+    HYDRATED,
+    KV_OP,
+    kv_stream,
+    seq_and_time,
+    split_agent_key,
+    stream_epoch,
+)
 from .errors import InvalidKeyError
 from .kv import retry_placement
+from .merge import StateChange
+
+log = logging.getLogger("msstore.flushers")
 
 SOURCE: Final = "Nats-Stream-Source"
 #: a pull request is over: 404 no messages, 408 request expired, 409 ended (e.g. max bytes)
@@ -159,83 +173,182 @@ def source_revision(headers: dict[str, str] | None) -> int:
 # --------------------------------------------------------------------------- pulling
 
 
-class Puller:
-    """Pull requests for one durable consumer, delivered to a callback on one inbox.
+class Batch:
+    """Log messages delivered to this process and not yet committed, parsed as they arrive.
 
-    Each message costs a queue hand-off; nats-py's ``fetch`` awaits every message with a new
-    task, a ``wait_for`` and a ``uuid4`` (about a third of a 10,000-message flush). Messages
-    of an earlier, expired request that arrive late are kept for the next call: they are ours
-    until acked.
+    Holds each key's newest change (grouped per agent, as :func:`msstore.merge.coalesce`
+    does) and every message's reply subject for the ack; the ``Msg`` objects are not kept.
+    Copies of what PostgreSQL holds (``HYDRATED``) and ``flush()`` marks are acked, not merged.
     """
 
-    def __init__(self, nc: Client, stream: str, durable: str) -> None:
+    __slots__ = ("_cut", "_marker", "_prefix", "agents", "by_agent", "first_at", "foreign",
+                 "replies", "stamps")
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix, self._cut, self._marker = prefix, len(prefix), prefix + FLUSH_KEY
+        self.replies: list[str] = []
+        self.by_agent: dict[uuid.UUID, dict[str, StateChange]] = {}
+        self.agents: dict[str, uuid.UUID] = {}  # parse each agent id once
+        self.stamps: list[int] = []  # when each change was logged (ns), for expired_unflushed
+        self.foreign = 0  # messages msstore did not write
+        self.first_at = 0.0  # when the oldest held message arrived (monotonic s)
+
+    def __len__(self) -> int:
+        return len(self.replies)
+
+    def add(self, m: Msg) -> None:
+        if not self.replies:
+            self.first_at = time.monotonic()
+        self.replies.append(m.reply)
+        headers = m.headers or {}
+        subject = m.subject
+        if HYDRATED in headers or subject == self._marker:
+            return
+        try:
+            if not subject.startswith(self._prefix):
+                raise InvalidKeyError(subject)
+            agent, key = split_agent_key(subject[self._cut:], self.agents)
+            revision = source_revision(headers)
+        except (InvalidKeyError, ValueError):
+            self.foreign += 1
+            return
+        # Values are not parsed here: msstore wrote them through codec.dumps, and a foreign
+        # value PostgreSQL cannot store is found when the merge refuses it.
+        data = None if headers.get(KV_OP) in DELETE_OPS else m.data
+        self.stamps.append(seq_and_time(m)[1])
+        latest = self.by_agent.get(agent)
+        if latest is None:
+            latest = self.by_agent[agent] = {}
+        seen = latest.get(key)
+        if seen is None or seen.revision < revision:
+            latest[key] = StateChange(agent, key, revision, data)
+
+    def changes(self) -> list[StateChange]:
+        return [c for latest in self.by_agent.values() for c in latest.values()]
+
+    def expired(self, ttl: float) -> int:
+        """Changes older than the bucket's max age (KV may have dropped them already)."""
+        oldest = time.time_ns() - ttl * 1e9
+        return sum(1 for t in self.stamps if t <= oldest)
+
+
+class Puller:
+    """One durable consumer's deliveries to this process, parsed into a :class:`Batch`.
+
+    A tail task keeps one pull request open (``expires`` seconds, renewed) while fewer than
+    ``limit`` messages are held, so messages are parsed as the log copies them and a flush
+    only merges and acks. Each message costs one callback: nats-py's ``fetch`` awaits every
+    message with a new task, a ``wait_for`` and a ``uuid4``. ``notify`` is called after each
+    request (the flusher decides whether to commit).
+    """
+
+    def __init__(self, nc: Client, stream: str, durable: str, *, prefix: str, limit: int,
+                 expires: float, notify: Callable[[Batch], None]) -> None:
         self._nc = nc
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._inbox = nc.new_inbox()
         self._sub: Any = None
-        self._got: list[Msg] = []
-        self._want = 0
-        self._pulled = asyncio.Event()
-        #: until when the server may still deliver to us on a waiting request (monotonic s)
+        self._prefix = prefix
+        self.limit, self.expires, self._notify = limit, expires, notify
+        self.batch = Batch(prefix)
+        self._left = 0  # messages the open request may still deliver
+        self._ended = asyncio.Event()  # the open request is filled or over
+        self._goal = 0
+        self._reached = asyncio.Event()  # len(batch) >= _goal
+        self._taken = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        #: until when the server may still deliver to us on the open request (monotonic s)
         self.open_until = 0.0
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+        self._task = asyncio.create_task(self._tail(), name=f"msstore-tail-{self._next}")
 
     async def _on_msg(self, msg: Msg) -> None:
         status = msg.headers.get(Header.STATUS.value) if msg.headers else None
         if status is None:
-            self._got.append(msg)
-            if len(self._got) >= self._want:
-                self._pulled.set()
+            self.batch.add(msg)
+            self._left -= 1
+            if self._left <= 0:
+                self._ended.set()
+            if len(self.batch) >= self._goal:
+                self._reached.set()
         elif status in PULL_END_STATUSES:
-            self._pulled.set()
+            self._ended.set()
 
-    async def pull(self, want: int, *, wait: bool, expires: float) -> list[Msg]:
-        """Up to ``want`` messages: what is there now, or (``wait``) within ``expires`` s."""
-        timeout = expires
-        if len(self._got) < want:
-            self._want = want
-            self._pulled.clear()
-            request: dict[str, Any] = {"batch": want - len(self._got)}
-            if wait:
-                request["expires"] = int(timeout * 1e9)
-                self.open_until = time.monotonic() + timeout
-            else:
-                request["no_wait"] = True
-            await self._nc.publish(self._next, orjson.dumps(request), reply=self._inbox)
-            await wait_event(self._pulled, timeout + 0.5)
-        got, self._got = self._got, []
-        return got
+    async def _tail(self) -> None:
+        while True:
+            room = self.limit - len(self.batch)
+            if room <= 0:
+                self._notify(self.batch)
+                self._taken.clear()
+                await self._taken.wait()
+                continue
+            self._left = room
+            self._ended.clear()
+            self.open_until = time.monotonic() + self.expires
+            try:
+                await self._nc.publish(self._next, orjson.dumps(
+                    {"batch": room, "expires": int(self.expires * 1e9)}), reply=self._inbox)
+            except nats.errors.Error as e:  # closed, or no buffer while reconnecting
+                log.debug("pull request on %s failed: %r", self._next, e)
+                await asyncio.sleep(self.expires)
+                continue
+            await wait_event(self._ended, self.expires + 0.5)
+            self._notify(self.batch)
 
-    def take_unacked(self) -> list[Msg]:
-        got, self._got = self._got, []
-        return got
+    async def filled(self, goal: int, seconds: float) -> bool:
+        """Wait up to ``seconds`` until at least ``goal`` messages are held."""
+        self._goal = goal
+        self._reached.clear()
+        if len(self.batch) >= goal:
+            return True
+        return await wait_event(self._reached, seconds)
+
+    def take(self) -> Batch:
+        """The held messages, for a commit; deliveries from now on go to a new batch."""
+        batch, self.batch = self.batch, Batch(self._prefix)
+        self._taken.set()
+        return batch
+
+    async def stop_requesting(self) -> None:
+        """No new pull requests (what the open one delivers is still taken in)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
     async def stop(self) -> None:
+        await self.stop_requesting()
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
 
 
+ACK: Final = b""
+NAK: Final = b"-NAK"
+IN_PROGRESS: Final = b"+WPI"
 
-async def ack_all(nc: Client, msgs: Sequence[Msg]) -> None:
-    """Acknowledge ``msgs`` in one write to the connection.
 
-    An ack is an empty publish to the message's reply subject; ``Msg.ack`` does a whole
-    ``Client.publish`` per message (~13 µs, a tenth of a 10,000-message flush). The commands
-    are the same bytes nats-py would send, joined; they go out with the next flush.
+async def reply_all(nc: Client, replies: Sequence[str], payload: bytes = ACK) -> None:
+    """Send ``payload`` (an ack by default) to every reply subject in one write.
+
+    ``Msg.ack`` does a whole ``Client.publish`` per message (~13 µs, a tenth of a
+    10,000-message flush). The commands are the same bytes nats-py would send, joined; they go
+    out with the next flush.
     """
     if nc.is_closed:
         raise nats.errors.ConnectionClosedError
     send = getattr(nc, "_send_command", None)
     if send is None:  # a nats-py without it: one publish each
-        for m in msgs:
-            await m.ack()
+        for r in replies:
+            await nc.publish(r, payload)
         return
-    await send(b"".join([pub_cmd(m.reply, "", b"") for m in msgs]))
+    await send(b"".join([pub_cmd(r, "", payload) for r in replies]))
     await nc._flush_pending()
 
 
-__all__ = ["LOG_PREFIX", "LogRef", "Puller", "SourceStall", "ack_all", "ensure_log", "last_logged",
-           "log_name", "older_logs", "retire_log", "source_revision", "step_down"]
+__all__ = ["IN_PROGRESS", "LOG_PREFIX", "NAK", "Batch", "LogRef", "Puller", "SourceStall",
+           "ensure_log", "last_logged", "log_name", "older_logs", "reply_all", "retire_log",
+           "source_revision", "step_down"]

@@ -5,15 +5,18 @@
     KV_b ──server-side source──▶ MSLOG_b_<epoch>  (no age limit; see msstore._nats)
                                     │ durable pull consumer, shared by processes
                                     ▼
-    pull ─▶ parse (revision from Nats-Stream-Source) ─▶ coalesce ─▶ Committer ─▶ ack
+    tail: an open pull request ─▶ parse as delivered (revision from Nats-Stream-Source),
+    keep each key's newest change ─▶ (threshold, interval, flush()) Committer ─▶ ack
                                     │ then, at most once a second
                                     ▼
                           purge the log below the ack floor
 
-``flush()`` writes a marker into the bucket and waits until the log has copied it and the ack
-floor has passed it. When the bucket is recreated (a new epoch), the old log stops copying, is
-drained completely (across epochs the later merge wins, so no newer change may be committed
-first), and is deleted once it has been quiet for a second.
+``flush()`` writes a marker into the bucket, tells the other processes' flushers to commit
+what they hold (a core NATS message on ``msstore.flush.<bucket>``), and waits until the log
+has copied the marker and the ack floor has passed it. When the bucket is recreated (a new
+epoch), the old log stops copying, is drained completely (across epochs the later merge wins,
+so no newer change may be committed first), and is deleted once it has been quiet for a
+second.
 """
 
 from __future__ import annotations
@@ -31,18 +34,22 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from . import _durable, _nats
-from ._durable import LogRef, Puller
-from ._nats import HYDRATED, KV_OP
-from .errors import InvalidKeyError
+from ._durable import Batch, LogRef, Puller
+from ._nats import KV_OP
 from .flushers import _FIRST_RECHECK, Flusher
 from .kv import DEFAULT_LEADER_WAIT, retry_not_stored
-from .merge import StateChange, coalesce
+from .merge import StateChange
 
 log = logging.getLogger("msstore.flushers")
 
 #: seconds a replicated log may copy nothing while a flush waits for it, before its leader is
 #: asked to step down (see :class:`msstore._durable.SourceStall`)
 SOURCE_STALL = 5.0
+
+
+def peer_subject(bucket: str) -> str:
+    """Where ``flush()`` asks every flusher of the bucket to commit what it holds now."""
+    return f"msstore.flush.{bucket}"
 
 
 def _unacked(ci: ConsumerInfo) -> int:
@@ -69,13 +76,14 @@ class StreamFlusher(Flusher):
         self._local = 0  # writes since the last consumer-info refresh
         self._since_flush = 0
         self._remote = 0  # unflushed messages in the logs at the last refresh
-        self._holding: list[Msg] = []  # the batch being committed
+        self._holding: list[str] = []  # reply subjects of the batch being committed
         self._next_purge = 0.0
         self._purged: dict[str, int] = {}  # log -> the sequence it was last purged below
         self._settling: dict[str, tuple[int, float]] = {}  # old log -> (last seq, since)
         self._noted = 0  # the highest revision this process wrote, and how far the log had
         self._sourced_to = 0  # copied it at the last drain
         self._monitor: asyncio.Task[None] | None = None
+        self._peers: Any = None  # the subscription to other processes' flush() calls
 
     async def start(self) -> None:
         self._log = await _durable.ensure_log(self.js, self.s.bucket)
@@ -85,6 +93,7 @@ class StreamFlusher(Flusher):
                 await _durable.retire_log(self.js, ref)
             await self._open(ref)
         await self._refresh()
+        self._peers = await self.nc.subscribe(peer_subject(self.s.bucket), cb=self._on_peer)
         await super().start()
         self._monitor = asyncio.create_task(self._watch(), name="msstore-stream-backlog")
 
@@ -98,7 +107,9 @@ class StreamFlusher(Flusher):
             await self.js.add_consumer(ref.name, config)
         except nats.js.errors.BadRequestError:
             await self.js.consumer_info(ref.name, self.s.durable)  # exists, other settings
-        puller = Puller(self.nc, ref.name, self.s.durable)
+        puller = Puller(self.nc, ref.name, self.s.durable, prefix=_nats.kv_prefix(self.s.bucket),
+                        limit=self.s.batch_size, expires=self.s.fetch_timeout,
+                        notify=self._on_batch)
         await puller.start()
         self._pullers[ref.name] = puller
 
@@ -115,6 +126,16 @@ class StreamFlusher(Flusher):
             await _durable.retire_log(self.js, old)
             self._old.append(old)
             await self._open(self._log)
+
+    def _on_batch(self, batch: Batch) -> None:
+        """After each pull request: commit once enough is held, or before ack_wait runs out
+        (the server would redeliver what is held)."""
+        if len(batch) >= min(self.s.flush_threshold, self.s.batch_size) or (
+                batch and time.monotonic() - batch.first_at >= self.s.ack_wait / 2):
+            self.worker.wake.set()
+
+    async def _on_peer(self, _msg: Msg) -> None:
+        self.worker.wake.set()
 
     def note_write(self, change: StateChange) -> None:
         if change.revision > self._noted:
@@ -171,6 +192,9 @@ class StreamFlusher(Flusher):
         subject = _nats.kv_prefix(self.s.bucket) + _nats.FLUSH_KEY
         marker = await retry_not_stored(lambda: self.js.publish(subject, b""), "mark a flush",
                                         DEFAULT_LEADER_WAIT)
+        # Other processes' tails may hold older messages: ask them to commit now.
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.publish(peer_subject(self.s.bucket), b"")
         ref = self._log
         return ref, await self._sourced(ref, int(marker.seq))
 
@@ -246,85 +270,47 @@ class StreamFlusher(Flusher):
         size = self.s.batch_size
         puller = self._pullers[ref.name]
         while not self.worker.stopping:
-            msgs: list[Msg] = []
             ci = await self._consumer(ref)
-            if not _unacked(ci):
-                break  # nothing waiting, nothing in flight: no fetch to sit through
-            # The batch is what was waiting when it started (at most batch_size): writes that
-            # arrive meanwhile go to the next batch, so that under a steady stream of writes
-            # a commit still happens every round instead of once batch_size has piled up.
-            goal = min(size, int(ci.num_pending)) if ci.num_pending else size
-            while len(msgs) < goal:  # a fetch can stop at its deadline: top the batch up
-                want = goal - len(msgs)
-                if ci.num_pending:
-                    # Ask for no more than is waiting: a pull that the stream cannot fill is
-                    # held by the server until it expires (fetch_timeout) — a fixed stall on
-                    # every flush. (0 waiting: a redelivery may come; wait for it.)
-                    want = min(want, int(ci.num_pending))
-                got = await puller.pull(want, wait=not ci.num_pending,
-                                        expires=self.s.fetch_timeout)
-                if not got:
+            if not len(puller.batch) and not ci.num_pending:
+                break  # nothing held, nothing waiting (others' deliveries are theirs to ack)
+            # The batch is what was waiting when the round started (at most batch_size), as
+            # the tail delivers it: writes that arrive meanwhile go to the next batch, so that
+            # under a steady stream of writes a commit still happens every round.
+            goal = min(size, len(puller.batch) + int(ci.num_pending or 0))
+            while not await puller.filled(goal, self.s.poll_interval):
+                ci = await self._consumer(ref)  # a peer's tail may have taken some
+                if not ci.num_pending:
                     break
-                msgs += got
-                if len(msgs) < goal:
-                    ci = await self._consumer(ref)
-                    if not ci.num_pending and (ci.num_ack_pending or 0) <= len(msgs):
-                        break
-            if not msgs:
+                goal = min(size, len(puller.batch) + int(ci.num_pending))
+            batch = puller.take()
+            if not batch:
                 break
             try:
-                await self._commit_msgs(ref, msgs)
+                await self._commit(ref, batch)
             except Exception:
-                await self._hand_back(msgs)  # redelivered now, not after ack_wait
+                await self._hand_back(batch.replies)  # redelivered now, not after ack_wait
                 raise
             self.worker.signal_progress()
-            if len(msgs) < size:
+            if len(batch) < size:
                 break
         await self._purge(ref)
 
-    async def _commit_msgs(self, ref: LogRef, msgs: list[Msg]) -> None:
-        prefix = _nats.kv_prefix(self.s.bucket)
-        marker = prefix + _nats.FLUSH_KEY
-        cut = len(prefix)
-        now_ns = time.time_ns()
-        ttl_ns = self.s.ttl * 1e9
-        agents: dict[str, uuid.UUID] = {}  # a batch holds few agents: parse each id once
-        changes: list[StateChange] = []
-        append = changes.append
-        expired = foreign = 0
-        for m in msgs:
-            headers = m.headers or {}
-            if HYDRATED in headers or m.subject == marker:
-                continue  # a copy of what PostgreSQL (or this log) holds, or a flush() mark
-            try:
-                subject = m.subject
-                if not subject.startswith(prefix):
-                    raise InvalidKeyError(subject)
-                agent, key = _nats.split_agent_key(subject[cut:], agents)
-                revision = _durable.source_revision(headers)
-            except (InvalidKeyError, ValueError):
-                foreign += 1
-                continue
-            # Values are not parsed here: msstore wrote them through codec.dumps, and a foreign
-            # value PostgreSQL cannot store is found when the merge refuses it.
-            data = None if headers.get(KV_OP) in _nats.DELETE_OPS else m.data
-            if now_ns - _nats.seq_and_time(m)[1] >= ttl_ns:
-                expired += 1
-            append(StateChange(agent, key, revision, data))
-        if foreign:
-            self.committer.metrics.add("foreign_messages", foreign)
-            log.warning("skipped %d messages in %s that msstore did not write", foreign,
+    async def _commit(self, ref: LogRef, batch: Batch) -> None:
+        if batch.foreign:
+            self.committer.metrics.add("foreign_messages", batch.foreign)
+            log.warning("skipped %d messages in %s that msstore did not write", batch.foreign,
                         ref.name)
+        replies = batch.replies
 
         async def keep_alive() -> None:  # the batch stays ours while PostgreSQL is down
-            for m in msgs:
-                with contextlib.suppress(Exception):
-                    await m.in_progress()
+            with contextlib.suppress(Exception):
+                await _durable.reply_all(self.nc, replies, _durable.IN_PROGRESS)
 
-        self._holding = msgs  # close() hands them back if the commit never finishes
-        await self.committer.commit(coalesce(changes), ref.epoch, self.name,
-                                    messages=len(msgs), expired=expired, on_retry=keep_alive)
-        await _durable.ack_all(self.nc, msgs)
+        self._holding = replies  # close() hands them back if the commit never finishes
+        await self.committer.commit(batch.changes(), ref.epoch, self.name,
+                                    messages=len(replies), expired=batch.expired(self.s.ttl),
+                                    on_retry=keep_alive)
+        await _durable.reply_all(self.nc, replies)
         self._holding = []
         # Acks are fire-and-forget publishes: one PING/PONG makes sure the server has them
         # before anyone reads the ack floor. If it fails, the messages are redelivered and
@@ -362,11 +348,10 @@ class StreamFlusher(Flusher):
                 await self.js.delete_stream(ref.name)
             await self._forget(ref)
 
-    async def _hand_back(self, msgs: list[Msg]) -> None:
+    async def _hand_back(self, replies: list[str]) -> None:
         self._holding = []
-        for m in msgs:
-            with contextlib.suppress(Exception):
-                await m.nak()
+        with contextlib.suppress(Exception):
+            await _durable.reply_all(self.nc, replies, _durable.NAK)
 
     async def _forget(self, ref: LogRef) -> None:
         self._old = [r for r in self._old if r != ref]
@@ -380,18 +365,22 @@ class StreamFlusher(Flusher):
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
+        if self._peers is not None:
+            with contextlib.suppress(Exception):
+                await self._peers.unsubscribe()
         await super().close()
-        # Messages pulled but not committed: a NAK redelivers them now to the next flusher,
+        for puller in self._pullers.values():
+            await puller.stop_requesting()
+        # Messages delivered but not committed: a NAK redelivers them now to the next flusher,
         # instead of after ack_wait — including those a still-open pull request delivers.
         late = max((p.open_until for p in self._pullers.values()), default=0.0)
         if late > time.monotonic():
             await asyncio.sleep(min(late - time.monotonic(), self.s.fetch_timeout) + 0.05)
         unflushed, self._holding = self._holding, []
         for puller in self._pullers.values():
-            unflushed += puller.take_unacked()
-        for m in unflushed:
-            with contextlib.suppress(Exception):
-                await m.nak()
+            unflushed += puller.take().replies
+        if unflushed:
+            await self._hand_back(unflushed)
         with contextlib.suppress(Exception):
             await self.nc.flush()
         for puller in self._pullers.values():
